@@ -1,0 +1,22 @@
+"""The factory: compose LLaVA-style models (vision encoder → connector → LLM) from registered components and
+train them in two stages with MoReS or PEFT tuners. See docs/architecture.md."""
+from factory.errors import FactoryError
+
+__version__ = "0.1.0"
+
+
+def build_model(cfg):
+    """Build a LlavaModel from a resolved config (see factory.model.build)."""
+    from factory.model.build import build_model as _build
+
+    return _build(cfg)
+
+
+def load_checkpoint(path, **kwargs):
+    """Rebuild a trained model from a checkpoint folder alone (see factory.train.checkpoint)."""
+    from factory.train.checkpoint import load_checkpoint as _load
+
+    return _load(path, **kwargs)
+
+
+__all__ = ["FactoryError", "build_model", "load_checkpoint", "__version__"]
