@@ -5,11 +5,11 @@ from factory.errors import FactoryError
 __version__ = "0.1.0"
 
 
-def build_model(cfg):
+def build_model(cfg, dtype=None):
     """Build a LlavaModel from a resolved config (see factory.model.build)."""
     from factory.model.build import build_model as _build
 
-    return _build(cfg)
+    return _build(cfg, dtype=dtype)
 
 
 def load_checkpoint(path, **kwargs):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
 
 from factory.errors import FactoryError
 
@@ -16,8 +16,12 @@ class Registry:
     >>> CONNECTORS.get("linear")
     """
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, modules: Tuple[str, ...] = ()):
         self.kind = kind
+        # Modules whose import registers this family's components; imported on first lookup, so that a lookup of a
+        # chat template never pays for importing open_clip or timm.
+        self._modules = modules
+        self._imported = False
         self._items: Dict[str, Any] = {}
 
     def register(self, name: str) -> Callable[[Any], Any]:
@@ -30,7 +34,7 @@ class Registry:
         return decorator
 
     def get(self, name: str) -> Any:
-        _import_components()
+        self._import_components()
         if name not in self._items:
             known = ", ".join(sorted(self._items)) or "(none)"
             close = difflib.get_close_matches(str(name), list(self._items), n=1)
@@ -42,43 +46,26 @@ class Registry:
         return self._items[name]
 
     def names(self) -> List[str]:
-        _import_components()
+        self._import_components()
         return sorted(self._items)
 
     def __contains__(self, name: str) -> bool:
-        _import_components()
+        self._import_components()
         return name in self._items
 
+    def _import_components(self) -> None:
+        if self._imported:
+            return
+        self._imported = True
+        import importlib
 
-VISION_ENCODERS = Registry("vision encoder")
-CONNECTORS = Registry("connector")
-LLMS = Registry("llm")
-TEMPLATES = Registry("chat template")
-TUNERS = Registry("tuner")
-BENCHMARKS = Registry("benchmark")
-
-# Modules whose import registers components. Imported lazily on first lookup so that `import factory` stays cheap.
-_COMPONENT_MODULES = (
-    "factory.model.vision",
-    "factory.model.connectors",
-    "factory.model.llms",
-    "factory.data.templates",
-    "factory.tuners",
-    "factory.eval.benchmarks",
-)
-_imported = False
-
-
-def _import_components() -> None:
-    global _imported
-    if _imported:
-        return
-    _imported = True
-    import importlib
-
-    for module in _COMPONENT_MODULES:
-        try:
+        for module in self._modules:
             importlib.import_module(module)
-        except ModuleNotFoundError as err:  # a component family not present yet must not break the others
-            if err.name != module:
-                raise
+
+
+VISION_ENCODERS = Registry("vision encoder", ("factory.model.vision",))
+CONNECTORS = Registry("connector", ("factory.model.connectors",))
+LLMS = Registry("llm", ("factory.model.llms",))
+TEMPLATES = Registry("chat template", ("factory.data.templates",))
+TUNERS = Registry("tuner", ("factory.tuners",))
+BENCHMARKS = Registry("benchmark", ("factory.eval.benchmarks",))

@@ -1,0 +1,125 @@
+"""LLMs: load a causal LM and its tokenizer; find its decoder blocks.
+
+Registered in factory.registry.LLMS as ``load_llm(cfg_node, init, dtype) -> (causal_lm, tokenizer)``:
+  * ``phi``          – Phi-2 (PhiForCausalLM);
+  * ``llama``        – Llama / Vicuna v1.5 (LlamaForCausalLM); ``vicuna`` is the same loader;
+  * ``hf_causal_lm`` – any AutoModelForCausalLM.
+They differ only in the padding-token policy: Llama tokenizers have no pad token and LLaVA pads with `<unk>`
+(so padding never looks like an end of turn); every other family pads with its eos token. Padding positions are
+masked by the attention mask and IGNORE_INDEX labels, so the choice never changes the loss.
+
+Config keys: ``path`` (hub id or folder, init=pretrained), ``arch`` (+ optional ``arch_overrides``, init=random|meta),
+``tokenizer`` (defaults to ``path``), ``attn_implementation`` (sdpa), ``trust_remote_code`` (false).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import torch
+from torch import nn
+
+from factory.errors import FactoryError
+from factory.model.build import load_arch, node_get
+from factory.registry import LLMS
+
+
+def load_tokenizer(cfg: Any, init: str, pad_with_unk: bool):
+    """The tokenizer named by `tokenizer` (or `path`); None is allowed only for init=meta (parameter counting)."""
+    from transformers import AutoTokenizer
+
+    source = node_get(cfg, "tokenizer") or node_get(cfg, "path")
+    if not source:
+        if init == "meta":
+            return None
+        raise FactoryError(
+            "The LLM config has neither `llm.tokenizer` nor `llm.path`, so no tokenizer can be loaded. "
+            "Set one of them to a hub id or a folder with tokenizer files."
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(source), trust_remote_code=bool(node_get(cfg, "trust_remote_code", False))
+        )
+    except (OSError, ValueError) as err:
+        if init == "meta":  # offline counting of a hub model must not need its tokenizer
+            return None
+        raise FactoryError(
+            f"Could not load the tokenizer from {source!r} (`llm.tokenizer` or `llm.path`): {err}. "
+            "Check the hub id / folder; offline, download it first or point `llm.tokenizer` to a local copy."
+        ) from None
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.unk_token if pad_with_unk and tokenizer.unk_token is not None else tokenizer.eos_token
+        if fallback is None:
+            raise FactoryError(
+                f"The tokenizer from {source!r} has no pad, unk or eos token; add a pad token to its files."
+            )
+        tokenizer.pad_token = fallback
+    return tokenizer
+
+
+def load_causal_lm(cfg: Any, init: str, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    attn = str(node_get(cfg, "attn_implementation", "sdpa"))
+    remote = bool(node_get(cfg, "trust_remote_code", False))
+    if init == "pretrained":
+        path = node_get(cfg, "path")
+        if not path:
+            raise FactoryError("`llm.path` is empty; set it to a HF hub id or a local folder (or use init=random).")
+        try:
+            return AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=dtype, attn_implementation=attn, trust_remote_code=remote
+            )
+        except (OSError, ValueError) as err:
+            raise FactoryError(
+                f"Could not load the LLM from `llm.path` = {path!r}: {err}. Check the hub id or the local folder "
+                "(config.json + weights); offline, download it first."
+            ) from None
+    values = load_arch(cfg, "llm")
+    values.pop("torch_dtype", None)
+    values.pop("architectures", None)
+    config = AutoConfig.for_model(values.pop("model_type"), **values)
+    with torch.device("meta") if init == "meta" else torch.device("cpu"):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, trust_remote_code=remote)
+    return model.to(dtype)
+
+
+def _loader(pad_with_unk: bool):
+    def load_llm(cfg: Any, init: str, dtype: torch.dtype) -> Tuple[nn.Module, Optional[Any]]:
+        model = load_causal_lm(cfg, init, dtype)
+        tokenizer = load_tokenizer(cfg, init, pad_with_unk)
+        if tokenizer is not None and tokenizer.pad_token_id is not None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        return model, tokenizer
+
+    return load_llm
+
+
+LLMS.register("phi")(_loader(pad_with_unk=False))
+LLMS.register("llama")(_loader(pad_with_unk=True))
+LLMS.register("vicuna")(_loader(pad_with_unk=True))
+LLMS.register("hf_causal_lm")(_loader(pad_with_unk=False))
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of decoder blocks of a causal LM (Phi, Llama, most HF LMs), also through a PEFT wrapper."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    candidates = []
+    if hasattr(base, "get_decoder"):
+        try:
+            decoder = base.get_decoder()
+        except (AttributeError, NotImplementedError):
+            decoder = None
+        if decoder is not None:
+            candidates += [getattr(decoder, "layers", None), getattr(decoder, "h", None)]
+    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.layers"):
+        node = base
+        for part in path.split("."):
+            node = getattr(node, part, None)
+        candidates.append(node)
+    for found in candidates:
+        if isinstance(found, nn.ModuleList) and len(found) > 0:
+            return found
+    raise FactoryError(
+        f"Could not find the decoder blocks of {type(base).__name__}: expected a ModuleList at model.layers, "
+        "transformer.h or get_decoder().layers. Use llm=phi, llm=llama or a standard HF causal LM."
+    )
