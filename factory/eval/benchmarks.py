@@ -1,0 +1,197 @@
+"""The BENCHMARKS registry: for each benchmark name, how to score an answer file and what to export.
+
+A `Benchmark` bundles a scorer ``score(predictions, annotations, questions, strict) -> metrics`` (None when the
+benchmark is judged elsewhere, e.g. MM-Vet by GPT-4), an optional exporter writing the official submission file,
+and generation defaults. Metrics are percentages (0..100) plus ``n`` and the skip counts of `annotations.join`.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+from factory.errors import FactoryError
+from factory.eval import annotations as ann
+from factory.eval import scoring
+from factory.registry import BENCHMARKS
+
+Rows = List[Dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    score: Optional[Callable[..., Dict[str, Any]]]
+    export: Optional[Callable[[Rows, Path, Optional[Path]], Path]] = None
+    max_new_tokens: int = 16
+    description: str = ""
+    # True when the question file itself holds the gold answers (micro-world): it doubles as the annotations.
+    answers_in_questions: bool = False
+
+
+def _vqa_scorer(loader: Callable[[Path], Dict[str, List[str]]], protocol: str, name: str, key: str = "question_id"):
+    def score(predictions: Rows, annotations: Path, questions: Optional[Path] = None, strict: bool = False):
+        truth = loader(annotations)
+        if key != "question_id":
+            predictions = _attach_from_questions(predictions, questions, key, name)
+        joined = ann.join(predictions, truth, name, annotations, key=key, strict=strict)
+        accs = [scoring.vqa_accuracy(row["text"], answers, protocol) for row, answers in joined.pairs]
+        return {"accuracy": scoring.mean_percent(accs), **joined.report()}
+    return score
+
+
+def _attach_from_questions(predictions: Rows, questions: Optional[Path], key: str, name: str) -> Rows:
+    """Answer rows written by eval.py carry the image name; foreign answer files may need the question file."""
+    if all(key in row for row in predictions):
+        return predictions
+    by_id = ann.optional_questions(questions)
+    if not by_id:
+        raise FactoryError(f"{name} annotations are keyed by `{key}`, which the predictions lack. Pass the question "
+                           f"file with --questions so each question_id can be mapped to its {key}.")
+    out = []
+    for row in predictions:
+        q = by_id.get(str(row["question_id"]), {})
+        out.append(dict(row, **{key: q[key]}) if key in q else row)
+    return out
+
+
+def score_gqa(predictions: Rows, annotations: Path, questions: Optional[Path] = None, strict: bool = False):
+    joined = ann.join(predictions, ann.load_gqa(annotations), "gqa", annotations, strict=strict)
+    correct = [scoring.gqa_correct(row["text"], answer) for row, answer in joined.pairs]
+    return {"accuracy": scoring.mean_percent(correct), **joined.report()}
+
+
+def score_iconqa(predictions: Rows, annotations: Path, questions: Optional[Path] = None, strict: bool = False):
+    truth = ann.load_labels(annotations, "iconqa", "answer")
+    joined = ann.join(predictions, truth, "iconqa", annotations, strict=strict)
+    correct = [scoring.iconqa_correct(row["text"], gt["answer"]) for row, gt in joined.pairs]
+    return {"accuracy": scoring.mean_percent(correct), **joined.report()}
+
+
+def score_pope(predictions: Rows, annotations: Path, questions: Optional[Path] = None, strict: bool = False):
+    truth = ann.load_pope(annotations)
+    for qid, row in truth.items():
+        if str(row["label"]).strip().lower() not in ("yes", "no"):
+            raise FactoryError(f"POPE label of question {qid} in {annotations} is {row['label']!r}; labels must "
+                               f"be 'yes' or 'no'.")
+    joined = ann.join(predictions, truth, "pope", annotations, strict=strict)
+    several_splits = len({row.get("category", "all") for row in truth.values()}) > 1
+    by_split: Dict[str, List[tuple]] = defaultdict(list)
+    for row, gt in joined.pairs:
+        pair = (scoring.parse_yes_no(row["text"]), str(gt["label"]).strip().lower())
+        by_split[gt.get("category", "all")].append(pair)
+        if several_splits:
+            by_split["all"].append(pair)
+    result: Dict[str, Any] = {}
+    for split, pairs in sorted(by_split.items()):
+        result[split] = scoring.binary_metrics([p for p, _ in pairs], [l for _, l in pairs])
+    overall = result["all"] if "all" in result else next(iter(result.values()))
+    # Top-level keys are the overall numbers so the CLI's one-line output reads like every other benchmark's.
+    return {**{k: overall[k] for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")},
+            "splits": {k: v for k, v in result.items() if k != "all"} or None, **joined.report()}
+
+
+def score_sqa(predictions: Rows, annotations: Path, questions: Optional[Path] = None, strict: bool = False):
+    """ScienceQA: predictions keyed by pid; letter parsed; unparsable = wrong. `img_accuracy` = image questions."""
+    joined = ann.join(predictions, ann.load_sqa(annotations), "sqa", annotations, strict=strict)
+    correct, correct_img, unparsable = [], [], 0
+    for row, problem in joined.pairs:
+        index = scoring.parse_option_letter(row["text"], len(problem["choices"]))
+        unparsable += index is None
+        ok = index is not None and index == int(problem["answer"])
+        correct.append(ok)
+        if problem.get("image"):
+            correct_img.append(ok)
+    return {"accuracy": scoring.mean_percent(correct), "img_accuracy": scoring.mean_percent(correct_img),
+            "n_img": len(correct_img), "unparsable": unparsable, **joined.report()}
+
+
+def score_mmmu(predictions: Rows, annotations: Path, questions: Optional[Path] = None, strict: bool = False):
+    """MMMU: rows {question_id, answer, options?, question_type?}; multiple-choice answers are letters."""
+    joined = ann.join(predictions, ann.load_labels(annotations, "mmmu", "answer"), "mmmu", annotations,
+                      strict=strict)
+    correct, unparsable = [], 0
+    for row, gt in joined.pairs:
+        options = gt.get("options")
+        if isinstance(options, str):  # the HF dataset stores options as a Python-literal string
+            options = json.loads(options.replace("'", '"')) if options.strip().startswith("[") else None
+        if gt.get("question_type", "multiple-choice") == "multiple-choice" and options:
+            index = scoring.parse_mmmu_choice(row["text"], options)
+            unparsable += index is None
+            correct.append(index is not None and scoring.OPTION_LETTERS[index] == str(gt["answer"]).strip())
+        else:  # open questions: exact match after light normalisation
+            correct.append(scoring.normalize_gqa_answer(row["text"]) == scoring.normalize_gqa_answer(gt["answer"]))
+    return {"accuracy": scoring.mean_percent(correct), "unparsable": unparsable, **joined.report()}
+
+
+def export_vqav2(predictions: Rows, out_dir: Path, test_questions: Optional[Path] = None) -> Path:
+    """EvalAI test-dev submission: [{"question_id": int, "answer": normalised}], every test question present
+    (unanswered ones get "" so the server accepts the file; their count is printed)."""
+    answers = {str(r["question_id"]): scoring.normalize_vqa_answer(r["text"]) for r in predictions}
+    ids = list(answers)
+    if test_questions is not None:
+        doc = ann.read_json_or_jsonl(test_questions, "VQAv2 test questions")
+        rows = doc.get("questions", []) if isinstance(doc, dict) else doc
+        ids = [str(q["question_id"]) for q in rows]
+        missing = sum(1 for i in ids if i not in answers)
+        if missing:
+            print(f"warning: {missing} test question(s) have no prediction; submitted as empty answers")
+    out = Path(out_dir) / "vqav2_test-dev_submission.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps([{"question_id": int(i) if i.isdigit() else i, "answer": answers.get(i, "")}
+                               for i in ids]))
+    return out
+
+
+def export_mmvet(predictions: Rows, out_dir: Path, test_questions: Optional[Path] = None) -> Path:
+    """MM-Vet's evaluator reads {"v1_<id>": answer}."""
+    result = {}
+    for r in predictions:
+        qid = str(r["question_id"])
+        result[qid if qid.startswith("v1_") else f"v1_{qid}"] = r["text"]
+    out = Path(out_dir) / "mmvet_results.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    return out
+
+
+def export_vizwiz(predictions: Rows, out_dir: Path, test_questions: Optional[Path] = None) -> Path:
+    """VizWiz server submission: [{"image": name, "answer": normalised}]."""
+    predictions = _attach_from_questions(predictions, test_questions, "image", "vizwiz")
+    out = Path(out_dir) / "vizwiz_submission.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps([{"image": r.get("image"), "answer": scoring.normalize_vqa_answer(r["text"])}
+                               for r in predictions]))
+    return out
+
+
+def score_microworld(predictions: Rows, annotations: Path, questions: Optional[Path] = None, strict: bool = False):
+    from factory.eval.microworld import score_microworld as score  # imports torch: only when needed
+
+    return score(predictions, annotations, questions, strict)
+
+
+
+
+def get_benchmark(name: str) -> Benchmark:
+    """The registered benchmark `name` (FactoryError listing the known ones otherwise)."""
+    return BENCHMARKS.get(name)
+
+
+for _benchmark in (
+    Benchmark("vqav2", _vqa_scorer(ann.load_vqav2, "vqa", "vqav2"), export_vqav2, 16, "VQAv2 (VQA accuracy)"),
+    Benchmark("textvqa", _vqa_scorer(ann.load_textvqa, "textvqa", "textvqa"), None, 16, "TextVQA (VQA accuracy)"),
+    Benchmark("vizwiz", _vqa_scorer(ann.load_vizwiz, "vqa", "vizwiz", key="image"), export_vizwiz, 16,
+              "VizWiz (VQA accuracy, joined by image name)"),
+    Benchmark("gqa", score_gqa, None, 16, "GQA testdev-balanced (exact match)"),
+    Benchmark("pope", score_pope, None, 16, "POPE random/popular/adversarial (yes/no)"),
+    Benchmark("sqa", score_sqa, None, 16, "ScienceQA-IMG (option letter)"),
+    Benchmark("mmmu", score_mmmu, None, 64, "MMMU (multiple choice)"),
+    Benchmark("iconqa", score_iconqa, None, 16, "IconQA (exact match)"),
+    Benchmark("mmvet", None, export_mmvet, 512, "MM-Vet (GPT-4 judged: export only)"),
+    Benchmark("microworld", score_microworld, None, 8, "micro-world held-out split (exact match per type + POPE)",
+              answers_in_questions=True),
+):
+    BENCHMARKS.register(_benchmark.name)(_benchmark)

@@ -1,0 +1,84 @@
+"""Talk to a checkpoint about one image: `python chat.py checkpoint=<dir> image=<file>` (interactive, multi-turn)
+or add `question="..."` for one answer printed to stdout."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from factory.constants import IMAGE_MARKER
+from factory.errors import FactoryError
+
+
+class ChatSession:
+    """A conversation about (at most) one image; each `ask` re-encodes the whole history with the model's template
+    so the prompt is exactly what training saw, then decodes greedily."""
+
+    def __init__(self, model, image: Optional[str] = None, max_new_tokens: int = 256):
+        from factory.eval.generate import load_pixels, model_device
+
+        self.model = model
+        self.max_new_tokens = max_new_tokens
+        self.turns: List[Dict[str, str]] = []
+        self.pixel_values = None
+        if image is not None:
+            if not Path(image).is_file():
+                raise FactoryError(f"The image {image} does not exist; pass image=<path to a picture>.")
+            pixels = load_pixels(model, None, str(Path(image).resolve()))
+            self.pixel_values = pixels[None].to(model_device(model), getattr(model.vision, "dtype", torch.float32))
+
+    @torch.no_grad()
+    def ask(self, question: str) -> str:
+        from factory.eval.generate import decode, generate_ids, left_pad, model_device, template_of
+
+        question = question.replace(IMAGE_MARKER, "").strip()
+        if not self.turns and self.pixel_values is not None:
+            question = f"{IMAGE_MARKER}\n{question}"
+        conversation = self.turns + [{"from": "human", "value": question}]
+        prompt = template_of(self.model).encode_prompt(conversation, self.model.tokenizer,
+                                                       self.model.image_token_count)
+        input_ids, mask = left_pad([prompt], 0)
+        device = model_device(self.model)
+        batch = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device),
+                 "pixel_values": self.pixel_values}
+        answer = decode(self.model, generate_ids(self.model, batch, self.max_new_tokens)[0])
+        self.turns = conversation + [{"from": "gpt", "value": answer}]
+        return answer
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from omegaconf import OmegaConf
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        bad = [a for a in argv if "=" not in a]
+        if bad:
+            raise FactoryError(f"Arguments must be key=value (checkpoint=<dir> image=<file> [question=...] "
+                               f"[max_new_tokens=N] [device=cpu|cuda]); got {bad}.")
+        cfg = OmegaConf.merge({"checkpoint": None, "image": None, "question": None, "max_new_tokens": 256,
+                               "device": "auto"}, OmegaConf.from_dotlist(argv))
+        if cfg.checkpoint is None:
+            raise FactoryError("chat.py needs checkpoint=<folder> (a <run_dir>/<stage> folder written by train.py).")
+        from factory.eval.cli import pick_device
+        from factory.train.checkpoint import load_checkpoint
+
+        model = load_checkpoint(cfg.checkpoint, device=pick_device(cfg.device))
+        session = ChatSession(model, cfg.image, int(cfg.max_new_tokens))
+        if cfg.question is not None:
+            print(session.ask(str(cfg.question)))
+            return 0
+        print("Ask about the image; an empty line or Ctrl-D ends the chat.", file=sys.stderr)
+        while True:
+            try:
+                question = input("USER: ").strip()
+            except EOFError:
+                break
+            if not question:
+                break
+            print(f"ASSISTANT: {session.ask(question)}")
+    except FactoryError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,141 @@
+"""`python eval.py key=value ...`: evaluate a checkpoint on a benchmark, or run the modality-imbalance analysis.
+
+Settings are configs/eval/benchmark.yaml overridden by ``key=value`` arguments (OmegaConf dot-list syntax, e.g.
+``imbalance.num_samples=50``). The model is rebuilt from the checkpoint folder alone (factory.load_checkpoint).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from factory.config import CONFIG_DIR, register_resolvers
+from factory.errors import FactoryError
+
+DEFAULTS = CONFIG_DIR / "eval" / "benchmark.yaml"
+
+
+def load_config(argv: List[str], defaults: Path = DEFAULTS) -> DictConfig:
+    register_resolvers()
+    base = OmegaConf.load(defaults)
+    bad = [a for a in argv if "=" not in a or a.startswith("-")]
+    if bad:
+        raise FactoryError(f"Arguments must be key=value (e.g. checkpoint=runs/x/instruct benchmark=pope); got "
+                           f"{bad}. Known keys: {', '.join(base.keys())}.")
+    unknown = [a.split("=", 1)[0] for a in argv if not _known_key(base, a.split("=", 1)[0])]
+    if unknown:
+        raise FactoryError(f"Unknown setting(s) {unknown} for eval.py. Known keys: {', '.join(base.keys())} "
+                           f"(see configs/eval/benchmark.yaml).")
+    cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(argv))
+    if OmegaConf.is_missing(cfg, "checkpoint"):
+        raise FactoryError("eval.py needs checkpoint=<folder> (a <run_dir>/<stage> folder written by train.py).")
+    return cfg
+
+
+def _known_key(node: Any, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(node, DictConfig) or part not in node.keys():  # `in node` is False for "???"
+            return False
+        node = node._get_node(part)
+    return True
+
+
+def pick_device(setting: str) -> str:
+    import torch
+
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
+def load_model(cfg: DictConfig):
+    import torch
+
+    from factory.train.checkpoint import load_checkpoint
+
+    device = pick_device(cfg.device)
+    dtype = cfg.dtype or (torch.bfloat16 if device.startswith("cuda") else None)
+    return load_checkpoint(cfg.checkpoint, device=device, dtype=dtype)
+
+
+def checkpoint_config(checkpoint: Path) -> Dict[str, Any]:
+    path = Path(checkpoint) / "config.yaml"
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=False) if path.is_file() else {}
+
+
+def _microworld_defaults(cfg: DictConfig, train_cfg: Dict[str, Any]) -> None:
+    """For benchmark=microworld, the question file and images default to the checkpoint's own data.eval."""
+    data_eval = (train_cfg.get("data") or {}).get("eval") or {}
+    root = (train_cfg.get("data") or {}).get("root")
+    def resolve(value):
+        return str(value).replace("${data.root}", str(root)) if value is not None else None
+    if cfg.question_file is None and data_eval.get("json"):
+        cfg.question_file = resolve(data_eval["json"])
+    if cfg.image_folder is None and data_eval.get("image_folder"):
+        cfg.image_folder = resolve(data_eval["image_folder"])
+
+
+def run(cfg: DictConfig) -> Dict[str, Any]:
+    checkpoint = Path(cfg.checkpoint)
+    train_cfg = checkpoint_config(checkpoint)
+    if cfg.benchmark == "microworld":
+        _microworld_defaults(cfg, train_cfg)
+    if cfg.question_file is None:
+        raise FactoryError(f"eval.py needs question_file=<LLaVA question file> for benchmark {cfg.benchmark!r}.")
+    image_folder = Path(cfg.image_folder) if cfg.image_folder else None
+    model = load_model(cfg)
+    eval_settings = OmegaConf.to_container(cfg, resolve=True)
+    if cfg.analysis == "imbalance":
+        return run_imbalance(cfg, model, checkpoint, image_folder, train_cfg)
+    if cfg.analysis is not None:
+        raise FactoryError(f"analysis={cfg.analysis!r} is unknown; the available analysis is `imbalance`.")
+    from factory.eval.runner import run_benchmark
+
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else checkpoint / "eval" / cfg.benchmark
+    return run_benchmark(
+        model, cfg.benchmark, Path(cfg.question_file), out_dir, image_folder=image_folder,
+        annotations=Path(cfg.annotations) if cfg.annotations else None, batch_size=int(cfg.batch_size),
+        max_new_tokens=cfg.max_new_tokens, limit=cfg.limit, model_id=cfg.model_id or str(checkpoint),
+        skip_missing_images=bool(cfg.skip_missing_images),
+        submission_questions=Path(cfg.submission_questions) if cfg.submission_questions else None,
+        config={"eval": eval_settings, "checkpoint_config": train_cfg}, merge_wait_s=float(cfg.merge_wait_s),
+    )
+
+
+def run_imbalance(cfg: DictConfig, model, checkpoint: Path, image_folder: Optional[Path],
+                  train_cfg: Dict[str, Any]) -> Dict[str, Any]:
+    from factory.eval.generate import load_questions
+    from factory.eval.imbalance import analyze, write_results
+    from factory.eval.plots import plot_imbalance
+
+    opts = cfg.imbalance
+    label = opts.label or (train_cfg.get("tuner") or {}).get("name") or checkpoint.name
+    result = analyze(model, load_questions(Path(cfg.question_file)), image_folder, num_samples=opts.num_samples,
+                     max_new_tokens=opts.max_new_tokens, text_tokens=opts.text_tokens, batch_size=opts.batch_size,
+                     label=str(label))
+    result["checkpoint"] = str(checkpoint)
+    result["config"] = {"eval": OmegaConf.to_container(cfg, resolve=True)}
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else checkpoint / "eval" / "imbalance"
+    out_json = write_results(result, out_dir / "imbalance.json")
+    png = plot_imbalance([result, *[Path(p) for p in opts.compare]], out_dir / "imbalance.png")
+    return {"analysis": "imbalance", "json": str(out_json), "png": str(png), "n_samples": result["n_samples"],
+            "lmar": result["lmar"], "visual_share": result["visual_share"]}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        result = run(load_config(argv))
+    except FactoryError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if result is not None:  # rank 0: one JSON line with the results
+        summary = {k: v for k, v in result.items() if k != "config"}
+        print(json.dumps(summary, sort_keys=True, default=str))
+    return 0

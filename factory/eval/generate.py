@@ -1,0 +1,147 @@
+"""From questions to answers: question files, prompts through the model's own template, images, batched greedy
+generation (left padding, KV cache, stop at the template's end token) and decoding."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from factory.constants import IMAGE_MARKER
+from factory.errors import FactoryError
+
+Question = Dict[str, Any]
+
+
+def load_questions(path: Path) -> List[Question]:
+    """LLaVA question jsonl rows {question_id, image?, text, ...} or a LLaVA conversation JSON [{id, image?,
+    conversations, ...}] (ScienceQA test file, micro-world eval.json). Returns rows with question_id, text, image
+    (None when text-only) and every extra key (answer, category, question_type ...) kept."""
+    from factory.eval.annotations import read_json_or_jsonl
+
+    rows = read_json_or_jsonl(Path(path), "questions")
+    if isinstance(rows, dict):
+        rows = rows.get("questions", rows.get("data", list(rows.values())))
+    questions: List[Question] = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise FactoryError(f"Entry {i} of the question file {path} is not an object.")
+        qid = row.get("question_id", row.get("id"))
+        if "conversations" in row and "text" not in row:
+            convs = row["conversations"]
+            if not isinstance(convs, list) or not convs or convs[0].get("from") != "human":
+                raise FactoryError(f"Entry {i} (id {qid}) of {path} has no human first turn in `conversations`.")
+            text = convs[0]["value"]
+        else:
+            text = row.get("text", row.get("question"))
+        if qid is None or text is None:
+            raise FactoryError(f"Entry {i} of the question file {path} lacks `question_id` (or `id`) or `text`. "
+                               f"Question files are LLaVA jsonl rows {{question_id, image, text}}.")
+        questions.append(dict(row, question_id=qid, text=str(text), image=row.get("image") or None))
+    ids = [str(q["question_id"]) for q in questions]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise FactoryError(f"question_id {dup} appears more than once in {path}; ids must be unique.")
+    return questions
+
+
+def missing_images(questions: Sequence[Question], image_folder: Optional[Path]) -> List[str]:
+    return [str(q["image"]) for q in questions
+            if q.get("image") and not (Path(image_folder or ".") / str(q["image"])).is_file()]
+
+
+def conversation_for(question: Question) -> List[Dict[str, str]]:
+    """The human turn the model sees: the image marker first (LLaVA's eval convention) when the row has an image."""
+    text = question["text"].replace(IMAGE_MARKER, "").strip() if question.get("image") else question["text"]
+    if question.get("image"):
+        text = f"{IMAGE_MARKER}\n{text}"
+    return [{"from": "human", "value": text}]
+
+
+def template_of(model):
+    from factory.data.templates import get_template
+
+    if not model.template:
+        raise FactoryError("The model has no chat template name (model.template); the checkpoint's meta.json "
+                           "should record it. Set llm.template in the config.")
+    return get_template(model.template)
+
+
+def stop_token_ids(model) -> List[int]:
+    """The template's end token: EOS for chat templates; the plain (captioning) template ends captions with '\\n'."""
+    tokenizer = model.tokenizer
+    stops = [int(tokenizer.eos_token_id)] if tokenizer.eos_token_id is not None else []
+    if model.template == "plain":
+        newline = tokenizer.encode("\n", add_special_tokens=False)
+        if len(newline) == 1:
+            stops.append(int(newline[0]))
+    return stops
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def load_pixels(model, image_folder: Optional[Path], name: str) -> torch.Tensor:
+    from PIL import Image
+
+    path = Path(image_folder or ".") / name
+    try:
+        with Image.open(path) as image:
+            return model.vision.image_transform(image.convert("RGB"))
+    except (OSError, ValueError) as err:
+        raise FactoryError(f"Cannot read the image {path} ({err}). Check image_folder and the question file's "
+                           f"`image` entries.") from None
+
+
+def left_pad(sequences: Sequence[List[int]], pad_id: int) -> tuple:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        if seq:
+            ids[i, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            mask[i, width - len(seq):] = 1
+    return ids, mask
+
+
+def prepare_batch(model, conversations: Sequence[List[Dict[str, str]]], images: Sequence[Optional[str]],
+                  image_folder: Optional[Path]) -> Dict[str, Any]:
+    """Prompt ids (left-padded), attention mask and the stacked images of the samples that have one."""
+    template = template_of(model)
+    prompts = [template.encode_prompt(conv, model.tokenizer, model.image_token_count) for conv in conversations]
+    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    input_ids, attention_mask = left_pad(prompts, int(pad_id))
+    pixels = [load_pixels(model, image_folder, name) for name in images if name]
+    device = model_device(model)
+    pixel_values = None
+    if pixels:
+        dtype = getattr(model.vision, "dtype", torch.float32)
+        pixel_values = torch.stack(pixels).to(device=device, dtype=dtype)
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+            "pixel_values": pixel_values, "prompt_lengths": [len(p) for p in prompts]}
+
+
+@torch.no_grad()
+def generate_ids(model, batch: Dict[str, Any], max_new_tokens: int) -> List[List[int]]:
+    return model.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                          max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(model))
+
+
+def decode(model, ids: List[int]) -> str:
+    return model.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def answer_questions(model, questions: Sequence[Question], image_folder: Optional[Path],
+                     max_new_tokens: int) -> List[str]:
+    """Greedy answers for one batch of questions (in order)."""
+    batch = prepare_batch(model, [conversation_for(q) for q in questions], [q.get("image") for q in questions],
+                          image_folder)
+    return [decode(model, ids) for ids in generate_ids(model, batch, max_new_tokens)]
+
+
+def batched(items: Sequence[Any], size: int):
+    if size < 1:
+        raise FactoryError(f"batch_size must be ≥ 1, got {size}.")
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
