@@ -1,0 +1,186 @@
+"""MoReS: Modality Linear Representation-Steering (the paper's tuner).
+
+At the selected positions of the output of a decoder block (the residual stream entering the next block):
+
+    h' = dropout( h + R (W h + b − Rᵀ h) )
+
+R ∈ R^{D×d} has orthonormal columns (a hard constraint: `torch.nn.utils.parametrizations.orthogonal` with the
+householder map), W ∈ R^{d×D} and b ∈ R^d are one `nn.Linear(D, d)` with its default init (MoReS is not the
+identity at step 0). Every steered layer has its own R, W, b: d(2D+1) parameters per layer. The intervention always
+runs in fp32 (half-precision QR kernels do not exist); h is cast to fp32 and the result back to h's dtype.
+
+Why `use_trivialization=False`: with the default dynamic trivialization torch keeps a D×D `base` buffer per layer
+that is not a parameter, so a checkpoint of the trainable parameters alone would not determine R (the bug pyreft had)
+and it costs D² memory per layer. Without it, R is a pure function of the stored D×d householder reflectors, so
+saving/loading `model.trainable_state_dict()` reproduces R, and the logits, bit for bit.
+
+Positions are computed once per batch in `observe_batch` (LlavaModel calls it before the LLM runs) and the forward
+hooks gather exactly those rows, transform them and scatter them back: no work on the other tokens. Decode steps of
+cached generation observe an all-False image mask, so they are not steered (the steered prompt states reach the
+answer through the KV cache).
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import orthogonal
+
+from factory.errors import FactoryError
+from factory.registry import TUNERS
+from factory.tuners.base import Tuner, hidden_size, llm_layers, module_device
+from factory.tuners.mores_positions import parse_layers, parse_positions, select_positions
+
+
+class MoReSIntervention(nn.Module):
+    """One layer's steering map h ↦ dropout(h + R(Wh + b − Rᵀh)), computed in fp32."""
+
+    def __init__(self, hidden: int, rank: int, dropout: float = 0.0):
+        super().__init__()
+        if not 1 <= rank <= hidden:
+            raise FactoryError(f"tuner.rank={rank} must be between 1 and the LLM hidden size {hidden}.")
+        # nn.Linear(d, D) stores a D×d weight: the columns of R. Orthogonally initialised, then constrained.
+        self.rotate = nn.Linear(rank, hidden, bias=False, dtype=torch.float32)
+        if not self.rotate.weight.is_meta:
+            nn.init.orthogonal_(self.rotate.weight)
+        orthogonal(self.rotate, "weight", orthogonal_map="householder", use_trivialization=False)
+        self.project = nn.Linear(hidden, rank, bias=True, dtype=torch.float32)  # W, b (default init)
+        self.dropout = nn.Dropout(dropout)
+
+    def rotation(self) -> torch.Tensor:
+        """R (D×d, orthonormal columns) in fp32, whatever dtype the parameters were cast to.
+
+        The householder map reads the signs on the diagonal of the stored matrix with `.int()`; they must stay
+        exactly ±1, so they are re-snapped here (weight decay or a bf16 cast of the parameters would otherwise
+        shrink 1.0 to 0.99… and `.int()` would zero a column of R).
+        """
+        param = self.rotate.parametrizations.weight
+        stored = param.original.float()
+        diag = stored.diagonal()
+        signs = torch.where(diag >= 0, torch.ones_like(diag), -torch.ones_like(diag)).detach()
+        snapped = stored.tril(-1) + _diag_like(stored, signs)
+        return param[0](snapped)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        x = hidden.float()
+        rot = self.rotation()
+        weight, bias = self.project.weight.float(), self.project.bias.float()
+        delta = (x @ weight.t() + bias - x @ rot) @ rot.t()
+        return self.dropout(x + delta).to(hidden.dtype)
+
+
+def _diag_like(matrix: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A matrix of `matrix`'s shape with `values` on its main diagonal and zeros elsewhere."""
+    out = torch.zeros_like(matrix)
+    out.diagonal().copy_(values)
+    return out
+
+
+class MoReS(nn.Module):
+    """Per-layer MoReS interventions plus the forward hooks that apply them at the observed positions."""
+
+    def __init__(self, hidden: int, layer_ids: Sequence[int], rank: int = 1, positions: str = "f4+l5",
+                 modality: str = "vision", dropout: float = 0.05):
+        super().__init__()
+        if modality not in ("vision", "text"):
+            raise FactoryError(f"tuner.modality={modality!r} is not supported: use 'vision' (default) or 'text'.")
+        self.layer_ids: List[int] = list(layer_ids)
+        self.rank, self.modality, self.positions_spec = rank, modality, str(positions)
+        self.spec = parse_positions(positions)
+        self.interventions = nn.ModuleDict({str(i): MoReSIntervention(hidden, rank, dropout) for i in self.layer_ids})
+        self.positions: Optional[torch.Tensor] = None  # [B, P] of the last observed batch, -1 = padding
+        self._rows: Optional[tuple] = None  # (batch index [M], position [M]) of every steered token
+        self._shape: Optional[tuple] = None
+        self._handles: list = []
+
+    # ---- batch observer (called by LlavaModel before the LLM runs) -------------------------------------------
+    def observe_batch(self, image_mask: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> None:
+        self.positions = select_positions(image_mask, attention_mask, self.spec, self.modality)
+        valid = self.positions >= 0
+        self._rows = (valid.nonzero(as_tuple=True)[0], self.positions[valid])
+        self._shape = tuple(image_mask.shape)
+
+    # ---- hooks -------------------------------------------------------------------------------------------------
+    def attach(self, layers: nn.ModuleList) -> None:
+        self.detach()
+        for i in self.layer_ids:
+            self._handles.append(layers[i].register_forward_hook(partial(self._steer_hook, str(i))))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def steer(self, key: str, hidden: torch.Tensor) -> torch.Tensor:
+        """Apply layer `key`'s intervention to the observed positions of hidden [B, T, D] (out of place)."""
+        if self._rows is None:
+            raise FactoryError(
+                "MoReS ran before any batch was observed: the model must call observe_batch(image_mask, "
+                "attention_mask) on its batch_observers before running the LLM (LlavaModel.forward does)."
+            )
+        batch_idx, pos_idx = self._rows
+        if batch_idx.numel() == 0:
+            return hidden
+        if tuple(hidden.shape[:2]) != self._shape:
+            raise FactoryError(
+                f"MoReS positions were computed for a batch of shape {self._shape} but the LLM ran on "
+                f"{tuple(hidden.shape[:2])}; call observe_batch with the mask of the batch actually being run."
+            )
+        if batch_idx.device != hidden.device:
+            batch_idx, pos_idx = batch_idx.to(hidden.device), pos_idx.to(hidden.device)
+            self._rows = (batch_idx, pos_idx)
+        steered = self.interventions[key](hidden[batch_idx, pos_idx])
+        return hidden.index_put((batch_idx, pos_idx), steered)
+
+    def _steer_hook(self, key: str, module: nn.Module, args, output):
+        if isinstance(output, tuple):
+            return (self.steer(key, output[0]),) + tuple(output[1:])
+        return self.steer(key, output)
+
+    def export(self) -> Dict[str, torch.Tensor]:
+        """The materialised per-layer R (D×d), W (d×D), b (d) — for inspection/export; training saves the params."""
+        out = {}
+        with torch.no_grad():
+            for key, module in self.interventions.items():
+                out[f"layer{key}.R"] = module.rotation().detach().clone()
+                out[f"layer{key}.W"] = module.project.weight.detach().float().clone()
+                out[f"layer{key}.b"] = module.project.bias.detach().float().clone()
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"rank={self.rank}, layers={self.layer_ids}, positions={self.positions_spec!r}, "
+                f"modality={self.modality!r}")
+
+
+@TUNERS.register("mores")
+class MoReSTuner(Tuner):
+    """`tuner=mores` (MoReS-B, d=1); `mores_l` (d=2) and `mores_h` (d=4) are the same tuner with another rank."""
+
+    name = "mores"
+    options = {"rank": 1, "layers": "all", "positions": "f4+l5", "modality": "vision", "dropout": 0.05}
+
+    def is_attached(self, model: nn.Module) -> bool:
+        return isinstance(getattr(model.llm, "mores", None), MoReS)
+
+    def attach(self, model: nn.Module) -> None:
+        llm = model.llm
+        layers = llm_layers(llm)
+        cfg = self.cfg
+        ids = parse_layers(cfg["layers"], len(layers))
+        with torch.device(module_device(llm)):
+            mores = MoReS(hidden_size(llm), ids, rank=int(cfg["rank"]), positions=cfg["positions"],
+                          modality=cfg["modality"], dropout=float(cfg["dropout"]))
+        llm.add_module("mores", mores)  # inside the LLM: its parameters are the LLM's TP*
+        mores.attach(layers)
+        observers = getattr(model, "batch_observers", None)
+        if observers is None:
+            raise FactoryError(
+                f"{type(model).__name__} has no `batch_observers` list, so MoReS cannot learn where the image tokens "
+                f"are. Use factory.model.LlavaModel (it calls observe_batch before the LLM runs)."
+            )
+        observers.append(mores)
+
+    def mark_trainable(self, model: nn.Module) -> None:
+        model.llm.mores.requires_grad_(True)
