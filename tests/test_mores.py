@@ -217,3 +217,19 @@ def test_decode_steps_are_not_steered_and_generation_runs():
     mores.observe_batch(torch.ones(2, 5, dtype=torch.bool), None)
     with pytest.raises(FactoryError):  # stale positions for another shape must not be applied silently
         mores.steer("0", torch.randn(2, 7, 64))
+
+
+@pytest.mark.parametrize("hidden,rank", [(64, 1), (64, 4), (300, 2)])
+def test_householder_columns_equal_torch_orthogonal_map(hidden, rank):
+    """Our O(D·d²) householder product must be torch's householder orthogonal map, for arbitrary stored values."""
+    from factory.tuners.mores import MoReSIntervention, householder_columns
+
+    torch.manual_seed(hidden + rank)
+    module = MoReSIntervention(hidden, rank, dropout=0.0)
+    param = module.rotate.parametrizations.weight
+    stored = torch.randn(hidden, rank)
+    stored.diagonal().copy_(torch.tensor([1.0, -1.0] * rank)[:rank])
+    expected = param[0](stored)
+    ours = householder_columns(stored)
+    assert torch.allclose(ours, expected, atol=1e-6)
+    assert torch.allclose(ours.t() @ ours, torch.eye(rank), atol=1e-5)

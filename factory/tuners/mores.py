@@ -52,16 +52,13 @@ class MoReSIntervention(nn.Module):
     def rotation(self) -> torch.Tensor:
         """R (D×d, orthonormal columns) in fp32, whatever dtype the parameters were cast to.
 
-        The householder map reads the signs on the diagonal of the stored matrix with `.int()`; they must stay
-        exactly ±1, so they are re-snapped here (weight decay or a bf16 cast of the parameters would otherwise
-        shrink 1.0 to 0.99… and `.int()` would zero a column of R).
+        The stored D×d matrix holds the householder reflectors (strictly lower part) and the column signs (its
+        diagonal), as torch's parametrization wrote them at initialisation. R is computed from them by
+        `householder_columns` in O(D·d²): torch's own `householder_product` backward costs O(D²·d) and made one
+        MoReS layer as slow as a decoder block. The signs are read as ±1 from the diagonal's sign (weight decay or a
+        bf16 cast could otherwise shrink 1.0 to 0.99…).
         """
-        param = self.rotate.parametrizations.weight
-        stored = param.original.float()
-        diag = stored.diagonal()
-        signs = torch.where(diag >= 0, torch.ones_like(diag), -torch.ones_like(diag)).detach()
-        snapped = stored.tril(-1) + _diag_like(stored, signs)
-        return param[0](snapped)
+        return householder_columns(self.rotate.parametrizations.weight.original.float())
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         x = hidden.float()
@@ -71,11 +68,21 @@ class MoReSIntervention(nn.Module):
         return self.dropout(x + delta).to(hidden.dtype)
 
 
-def _diag_like(matrix: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """A matrix of `matrix`'s shape with `values` on its main diagonal and zeros elsewhere."""
-    out = torch.zeros_like(matrix)
-    out.diagonal().copy_(values)
-    return out
+def householder_columns(stored: torch.Tensor) -> torch.Tensor:
+    """Q = H_1 H_2 … H_d [:, :d] · diag(signs) for a D×d `stored` matrix, with H_i = I − τ_i v_i v_iᵀ, v_i the i-th
+    column of the unit-lower-triangular part of `stored` and τ_i = 2/‖v_i‖² (LAPACK's orgqr convention, which
+    torch's householder orthogonal map uses). Applying the reflections right to left to the first d columns of the
+    identity costs O(D·d²) and back-propagates in the same cost."""
+    rows, cols = stored.shape
+    eye = torch.eye(rows, cols, dtype=stored.dtype, device=stored.device)
+    reflectors = stored.tril(-1) + eye
+    tau = 2.0 / (reflectors * reflectors).sum(dim=0)
+    q = eye
+    for i in range(cols - 1, -1, -1):
+        v = reflectors[:, i : i + 1]
+        q = q - tau[i] * v @ (v.t() @ q)
+    signs = torch.where(stored.diagonal() >= 0, 1.0, -1.0).to(stored.dtype).detach()
+    return q * signs
 
 
 class MoReS(nn.Module):
