@@ -23,3 +23,7 @@ def shared_tokenizers() -> Path:
     if not path.is_dir():
         pytest.skip("../shared/fixtures/tokenizers is not present (only CI and developers have it)")
     return path
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: multi-node launch tests (deselect with -m 'not slow')")

@@ -46,6 +46,9 @@ class MoReSIntervention(nn.Module):
         if not self.rotate.weight.is_meta:
             nn.init.orthogonal_(self.rotate.weight)
         orthogonal(self.rotate, "weight", orthogonal_map="householder", use_trivialization=False)
+        stored = self.rotate.parametrizations.weight.original
+        with torch.no_grad():  # the parametrization stores a transposed [D, d] view (stride (1, D)): make it standard
+            stored.data = torch.empty(stored.shape, dtype=stored.dtype, device=stored.device).copy_(stored.data)
         self.project = nn.Linear(hidden, rank, bias=True, dtype=torch.float32)  # W, b (default init)
         self.dropout = nn.Dropout(dropout)
 

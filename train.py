@@ -1,0 +1,62 @@
+"""Train a LLaVA-style model: `python train.py [group=option ...] [key=value ...]` (see configs/train.yaml).
+
+Works as a plain process, under `torchrun`, and under the `deepspeed` launcher. The last line on stdout is a JSON
+summary (run_dir, per-stage losses, micro-world accuracy, wall time). User errors end with one message and exit 2.
+"""
+import json
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from factory.config import register_resolvers
+from factory.errors import FactoryError
+
+USER_ERROR = 2
+
+
+def _take_local_rank_argument(argv):
+    """The deepspeed launcher appends `--local_rank=N`, which Hydra rejects as an override: move it to LOCAL_RANK."""
+    kept, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
+            os.environ["LOCAL_RANK"] = arg.split("=", 1)[1]
+        elif arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ["LOCAL_RANK"] = argv[i + 1]
+            i += 1
+        else:
+            kept.append(arg)
+        i += 1
+    return kept
+
+
+_job_started = False  # tells a config error from Hydra (before the job) apart from a crash inside the job
+
+
+@hydra.main(config_path="configs", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    global _job_started
+    _job_started = True
+    from factory.train import run  # heavy imports (torch, deepspeed) only once a job really runs
+
+    try:
+        summary = run(cfg)
+    except FactoryError as err:
+        print(f"Error: {err}", file=sys.stderr, flush=True)
+        sys.exit(USER_ERROR)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    sys.argv = [sys.argv[0]] + _take_local_rank_argument(sys.argv[1:])
+    register_resolvers()
+    try:
+        main()
+    except SystemExit as exit_:
+        # Hydra reports a bad override / unknown config option in a few lines and exits 1; that is a user error.
+        if exit_.code == 1 and not _job_started:
+            sys.exit(USER_ERROR)
+        raise
