@@ -24,17 +24,22 @@ def positions_from_mask(attention_mask: torch.Tensor, length: int) -> torch.Long
     return positions.clamp(min=0)[:, -length:]
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the batch's label tokens, in fp32.
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over the label tokens, in fp32.
 
-    Only positions with a label are upcast (the full fp32 logits of a 51k vocabulary would not fit in memory).
-    """
+    Only positions with a label are upcast (the full fp32 logits of a 51k vocabulary would not fit in memory). A
+    batch without label tokens gives a zero that still back-propagates (every rank must run backward)."""
     shift_labels = labels[:, 1:]
     keep = shift_labels != IGNORE_INDEX
-    if not bool(keep.any()):  # a batch without answer tokens: zero loss that still back-propagates
+    if not bool(keep.any()):
         return logits.sum() * 0.0
-    selected = logits[:, :-1][keep].float()
-    return F.cross_entropy(selected, shift_labels[keep], reduction="mean")
+    return F.cross_entropy(logits[:, :-1][keep].float(), shift_labels[keep], reduction="sum")
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the batch's label tokens, in fp32."""
+    count = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    return token_loss_sum(logits, labels) / max(count, 1)
 
 
 class LlavaModel(nn.Module):

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 
 from factory.constants import IGNORE_INDEX
 from factory.errors import FactoryError
+from factory.model.llava import token_loss_sum
 from factory.train import checkpoint as ckpt
 from factory.train.distributed import DistInfo, all_reduce_sum
 from factory.train.engine import create_engine, deepspeed_config
@@ -51,15 +51,6 @@ class StageResult:
         return {"steps": self.steps, "first_loss": self.losses[0] if self.losses else None,
                 "final_loss": self.losses[-1] if self.losses else None, "wall_s": round(self.wall_s, 2),
                 "checkpoint": str(self.checkpoint) if self.checkpoint else None}
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over the label tokens, in fp32 (only labelled positions are upcast)."""
-    shift_labels = labels[:, 1:]
-    keep = shift_labels != IGNORE_INDEX
-    if not bool(keep.any()):
-        return logits.sum() * 0.0  # keeps the graph so backward still runs on every rank
-    return F.cross_entropy(logits[:, :-1][keep].float(), shift_labels[keep], reduction="sum")
 
 
 def count_label_tokens(batch: Dict[str, Any]) -> int:
