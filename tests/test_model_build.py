@@ -242,3 +242,17 @@ def test_pretrained_from_local_folders_reproduces_the_model(tmp_path, llm, visio
     cfg.vision.path = str(tmp_path / "missing")
     with pytest.raises(FactoryError, match="vision.path"):
         build_model(cfg)
+
+
+@pytest.mark.parametrize("key", ["llm.path", "vision.path"])
+def test_missing_pretrained_model_is_a_clear_error(tmp_path, key):
+    """A path with no model behind it names the config key and the path, never a hub-client trace."""
+    from factory.config import compose
+    from factory.model import build_model
+
+    missing = tmp_path / "no_such_model"
+    cfg = compose(["model=tiny", f"{key}={missing}"])
+    with pytest.raises(FactoryError) as info:
+        build_model(cfg)
+    message = str(info.value)
+    assert f"`{key}`" in message and str(missing) in message

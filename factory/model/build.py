@@ -40,6 +40,18 @@ def check_init(init: str) -> str:
     return init
 
 
+def from_pretrained_or_explain(model_class: Any, path: Any, key: str, what: str, **kwargs: Any) -> Any:
+    """`model_class.from_pretrained(path, **kwargs)`, with a missing/unreadable model reported as a FactoryError that
+    names the config key instead of a stack trace from the hub client."""
+    try:
+        return model_class.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError) as err:
+        raise FactoryError(
+            f"Could not load the {what} from `{key}` = {path!r}: {err}. Check the hub id or the local folder (it "
+            "needs config.json and the weights); offline, download it first."
+        ) from None
+
+
 def load_arch(node: Any, component: str) -> Dict[str, Any]:
     """The architecture dict for init=random|meta: `arch` is a name in factory/model/arch/ or a path to a JSON file.
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from factory.errors import FactoryError
-from factory.model.build import load_arch, node_get
+from factory.model.build import from_pretrained_or_explain, load_arch, node_get
 from factory.registry import LLMS
 
 
@@ -65,15 +65,8 @@ def load_causal_lm(cfg: Any, init: str, dtype: torch.dtype) -> nn.Module:
         path = node_get(cfg, "path")
         if not path:
             raise FactoryError("`llm.path` is empty; set it to a HF hub id or a local folder (or use init=random).")
-        try:
-            return AutoModelForCausalLM.from_pretrained(
-                str(path), dtype=dtype, attn_implementation=attn, trust_remote_code=remote
-            )
-        except (OSError, ValueError) as err:
-            raise FactoryError(
-                f"Could not load the LLM from `llm.path` = {path!r}: {err}. Check the hub id or the local folder "
-                "(config.json + weights); offline, download it first."
-            ) from None
+        return from_pretrained_or_explain(AutoModelForCausalLM, path, "llm.path", "LLM", dtype=dtype,
+                                          attn_implementation=attn, trust_remote_code=remote)
     values = load_arch(cfg, "llm")
     values.pop("torch_dtype", None)
     values.pop("architectures", None)

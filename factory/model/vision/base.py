@@ -135,20 +135,15 @@ class HFVisionEncoder(VisionEncoder):
     def _load(self, cfg: Any, init: str, dtype: torch.dtype) -> nn.Module:
         from transformers import AutoConfig
 
-        from factory.model.build import load_arch
+        from factory.model.build import from_pretrained_or_explain, load_arch
 
         attn = str(node_get(cfg, "attn_implementation", "sdpa"))
         if init == "pretrained":
             path = node_get(cfg, "path")
             if not path:
                 raise FactoryError("`vision.path` is empty; set it to a HF hub id or a local folder (or init=random).")
-            try:
-                return self.model_class.from_pretrained(str(path), dtype=dtype, attn_implementation=attn)
-            except (OSError, ValueError) as err:
-                raise FactoryError(
-                    f"Could not load the vision encoder from `vision.path` = {path!r}: {err}. Check the hub id or "
-                    "the local folder (it needs config.json and the weights); offline, download it first."
-                ) from None
+            return from_pretrained_or_explain(self.model_class, path, "vision.path", "vision encoder", dtype=dtype,
+                                              attn_implementation=attn)
         values = load_arch(cfg, "vision")
         config = AutoConfig.for_model(values.pop("model_type"), **values)
         config._attn_implementation = attn
