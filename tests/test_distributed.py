@@ -170,3 +170,31 @@ def test_zero3_saves_gathered_trainable_weights_only(runs, tuner):
     assert states, "the ZeRO-3 run with save_every must keep its engine state"
     module = torch.load(states[0], map_location="cpu", weights_only=False)["module"] or {}
     assert set(module) <= expected, sorted(set(module) - expected)[:5]
+
+
+def test_a_child_does_not_take_its_parents_self_described_world_for_a_launchers(monkeypatch):
+    """A script that trained in-process (holding MASTER_PORT) and then starts train.py must not make it reuse the port."""
+    import socket
+
+    from factory.train.distributed import SELF_DESCRIBED, fill_single_process_env
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", SELF_DESCRIBED):
+        monkeypatch.delenv(key, raising=False)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        parent_port = str(held.getsockname()[1])
+        # What the parent's environment looks like after it described its own one-process world.
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("WORLD_SIZE", "1")
+        monkeypatch.setenv("MASTER_PORT", parent_port)
+        monkeypatch.setenv(SELF_DESCRIBED, "1")
+        fill_single_process_env()
+        assert os.environ["MASTER_PORT"] != parent_port and os.environ[SELF_DESCRIBED] == "1"
+        # A launcher's world (no marker) is never touched.
+        monkeypatch.delenv(SELF_DESCRIBED)
+        monkeypatch.setenv("RANK", "3")
+        monkeypatch.setenv("MASTER_PORT", parent_port)
+        fill_single_process_env()
+        assert os.environ["RANK"] == "3" and os.environ["MASTER_PORT"] == parent_port
+        assert SELF_DESCRIBED not in os.environ

@@ -33,11 +33,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Launchers describe the world in these variables; a plain `python train.py` describes a one-process world itself.
+WORLD_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# Set next to the variables we filled ourselves, so that a child process (a script that runs training in-process and
+# then starts train.py) does not mistake them for a launcher's and try to listen on the port its parent holds.
+SELF_DESCRIBED = "FACTORY_SELF_DESCRIBED_WORLD"
+
+
 def fill_single_process_env() -> None:
     """Describe a one-process world in the environment when no launcher did (launcher values are never touched)."""
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
+    if os.environ.pop(SELF_DESCRIBED, None) == "1":
+        for key in WORLD_VARIABLES:
+            os.environ.pop(key, None)
+    if "RANK" not in os.environ:
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", SELF_DESCRIBED: "1"})
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(_free_port())
