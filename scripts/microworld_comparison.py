@@ -41,6 +41,10 @@ MAIN = {
 }
 
 
+# The main-table runs each ablation is read against (rank 1 = f4+l5 positions on all layers, the defaults).
+ABLATION_REFERENCES = {"rank": ["mores_r1", "mores_r2", "mores_r4"], "positions": ["mores_r1"], "layers": ["mores_r1"]}
+
+
 def ablations(num_layers: int) -> Dict[str, Dict[str, List[str]]]:
     """MoReS ablations (rank 1 unless named): rank 8; steered positions; steered layers."""
     deep = f"'{num_layers // 2}-{num_layers - 1}'"
@@ -165,8 +169,9 @@ def main(argv=None) -> int:
     from transformers import AutoConfig
     num_layers = AutoConfig.from_pretrained(REPO / "factory" / "assets" / "microworld" / "phi").num_hidden_layers
     variants = {name: MAIN[name] for name in args.tuners}
-    for group in args.ablations:
-        variants.update(ablations(num_layers)[group])
+    groups = {group: ablations(num_layers)[group] for group in args.ablations}
+    for group_variants in groups.values():
+        variants.update(group_variants)
 
     stage1 = out / "stage1"
     if not (stage1 / "pretrain" / "meta.json").exists():
@@ -191,12 +196,18 @@ def main(argv=None) -> int:
 
     doc = args.doc or out / "microworld.md"
     from factory.eval.plots import plot_imbalance
-    acc_png = plot_accuracy_vs_params(rows_by_variant, doc.parent / "microworld_accuracy_vs_params.png")
+    # The plots show the main table; the ablations are tables of their own, each next to its MoReS references.
+    main_rows = {v: rows_by_variant[v] for v in args.tuners}
+    acc_png = plot_accuracy_vs_params(main_rows, doc.parent / "microworld_accuracy_vs_params.png")
     imb_png = plot_imbalance([{"label": v, "lmar": mean_layers(rows, "lmar"),
                                "visual_share": mean_layers(rows, "visual_share")}
-                              for v, rows in rows_by_variant.items()],
+                              for v, rows in main_rows.items()],
                              doc.parent / "microworld_imbalance.png", title="Micro-world, held-out questions")
-    text = table(rows_by_variant)
+    text = table(main_rows)
+    for group, group_variants in groups.items():
+        references = [v for v in ABLATION_REFERENCES[group] if v in rows_by_variant]
+        text += (f"\n\n**Ablation: {group}** (MoReS rank 1, f4+l5, all layers unless named)\n\n"
+                 + table({v: rows_by_variant[v] for v in [*references, *group_variants]}))
     (out / "table.md").write_text(text + "\n")
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(

@@ -240,3 +240,36 @@ def test_eval_cli_microworld_and_imbalance_from_checkpoint(tmp_path, capsys):
     assert json.loads((ckpt / "eval" / "imbalance" / "imbalance.json").read_text())["label"] == "mores"
     assert main([f"checkpoint={ckpt}", "no_such_key=1"]) == 2
     assert "Unknown setting" in capsys.readouterr().err
+
+
+def test_chat_one_shot_and_interactive_multi_turn(tmp_path, capsys, monkeypatch):
+    """chat.py answers one question, and in interactive mode keeps the conversation: the second answer is the one
+    a session holding the first turn gives, and an empty line ends the chat."""
+    import io
+
+    from factory.eval.chat import ChatSession, main
+    from factory.train.checkpoint import load_checkpoint
+
+    root = _microworld(tmp_path, n=2)
+    ckpt = _hand_made_checkpoint(tmp_path, root)
+    image = sorted((root / "images").iterdir())[0]
+    first, second = "What color is the shape?", "How many shapes are there in the image?"
+    args = [f"checkpoint={ckpt}", f"image={image}", "max_new_tokens=4"]
+
+    reference = ChatSession(load_checkpoint(ckpt), str(image), max_new_tokens=4)
+    expected = [reference.ask(first), reference.ask(second)]
+    assert [t["from"] for t in reference.turns] == ["human", "gpt", "human", "gpt"]
+    assert reference.turns[0]["value"].startswith("<image>\n") and "<image>" not in reference.turns[2]["value"]
+
+    assert main([*args, f"question={first}"]) == 0
+    assert capsys.readouterr().out.strip() == expected[0].strip()
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{first}\n{second}\n\nnever asked\n"))
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("ASSISTANT:") == 2, out
+    # input() writes its "USER: " prompt to stdout too, so each answer line reads "USER: ASSISTANT: <answer>".
+    assert [line.split("ASSISTANT: ", 1)[1] for line in out.splitlines() if "ASSISTANT: " in line] == expected
+
+    assert main([f"checkpoint={ckpt}", f"image={tmp_path / 'missing.png'}", "question=hi"]) == 2
+    assert "missing.png" in capsys.readouterr().err

@@ -1,5 +1,5 @@
 """scripts/microworld_comparison.py end to end on a reduced setting: one shared stage-1 checkpoint, two tuners,
-one seed, a few steps, ten held-out questions, four imbalance samples."""
+the rank ablation, one seed, a few steps, ten held-out questions, four imbalance samples."""
 import importlib.util
 import json
 from pathlib import Path
@@ -17,7 +17,8 @@ def _script():
 
 def test_comparison_runs_end_to_end_on_a_reduced_setting(tmp_path):
     out, doc = tmp_path / "cmp", tmp_path / "results" / "microworld.md"
-    assert _script().main(["--out", str(out), "--tuners", "lora", "mores_r1", "--seeds", "0", "--pretrain-steps", "3",
+    assert _script().main(["--out", str(out), "--tuners", "lora", "mores_r1", "--ablations", "rank",
+                           "--seeds", "0", "--pretrain-steps", "3",
                            "--max-steps", "3", "--eval-limit", "10", "--imbalance-samples", "4",
                            "--doc", str(doc)]) == 0
     # ONE stage-1 checkpoint, and both stage-2 runs started from it.
@@ -34,5 +35,9 @@ def test_comparison_runs_end_to_end_on_a_reduced_setting(tmp_path):
     assert 0 < rows["mores_r1"]["trainable_llm"] < 2_000 < rows["lora"]["trainable_llm"]
     text = doc.read_text()
     assert "| lora |" in text and "| mores_r1 |" in text and "--tuners lora mores_r1" in text
+    # The rank ablation is its own table: rank 8 next to the rank-1 reference, not in the main table.
+    main_table, ablation = text.split("**Ablation: rank**")
+    assert "| mores_r8 |" not in main_table and "| mores_r8 |" in ablation and "| mores_r1 |" in ablation
+    assert json.loads((out / "mores_r8" / "seed0.json").read_text())["trainable_llm"] == 8 * 516
     for png in ("microworld_accuracy_vs_params.png", "microworld_imbalance.png"):
         assert (doc.parent / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
