@@ -70,9 +70,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(session.ask(str(cfg.question)))
             return 0
         print("Ask about the image; an empty line or Ctrl-D ends the chat.", file=sys.stderr)
+        # The "USER: " prompt is for a person at a terminal; questions piped in get only the answer lines.
+        prompt = "USER: " if sys.stdin.isatty() else ""
         while True:
             try:
-                question = input("USER: ").strip()
+                question = input(prompt).strip()
             except EOFError:
                 break
             if not question:
