@@ -209,7 +209,6 @@ def _build(args) -> dict:
         t = time.time()
         corpus = captions + [chat_text(e["conversations"], eos) for e in pretrain + instruct for eos in EOS.values()]
         tokenizers = build_tokenizers(corpus + [SYSTEM + " USER: ASSISTANT:"])
-        tokenizers["phi"].save_pretrained(out / "tokenizer")
         report["timings_s"]["tokenizer"] = round(time.time() - t, 1)
         report["tokenizer"] = {"vocab_size": len(tokenizers["phi"]),
                                "system_prompt_tokens": len(tokenizers["phi"](SYSTEM)["input_ids"])}

@@ -135,7 +135,7 @@ def test_bases_are_small_safetensors():
 
 def test_tokenizers_load_offline():
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(BASES / "tokenizer")
+    tok = AutoTokenizer.from_pretrained(BASES / "phi")
     assert len(tok) <= 1000 and tok.eos_token == "<|endoftext|>"
     assert {tok.pad_token, tok.unk_token, tok.bos_token} == {"<pad>", "<unk>", "<s>"}
     assert len({tok.pad_token_id, tok.eos_token_id, tok.unk_token_id, tok.bos_token_id}) == 4
