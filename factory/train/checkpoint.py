@@ -177,12 +177,21 @@ def load_trainable_into(model, path: Path) -> None:
         raise FactoryError(f"{Path(path) / WEIGHTS_FILE} does not fit the model built from the config: {err}") from None
 
 
+def restore_trained_weights(model, path: Path, cfg: DictConfig, meta: Dict[str, Any]) -> None:
+    """Tune `model` the way the checkpoint's stage did (meta.json records it; a folder without that entry falls back
+    to the stage plan of its config), then copy the trained weights in. One path for load_checkpoint and for
+    stage 2 starting from stage 1."""
+    from factory.train.stages import tune_for_stage
+    from factory.tuners import apply_tuning
+
+    apply_tuning(model, cfg.tuner, meta.get("tune") or tune_for_stage(cfg, meta["stage"]))
+    load_trainable_into(model, path)
+
+
 def load_checkpoint(path, device: str = "cpu", dtype: Optional[Any] = None):
     """Rebuild a LlavaModel from a checkpoint folder alone: config.yaml → build_model (frozen weights from the
     recorded paths) → apply_tuning as recorded → trained weights from trainable.safetensors."""
     from factory.model.build import build_model
-    from factory.train.stages import tune_for_stage
-    from factory.tuners import apply_tuning
 
     path = Path(str(path)).expanduser()
     meta = read_meta(path)
@@ -196,7 +205,6 @@ def load_checkpoint(path, device: str = "cpu", dtype: Optional[Any] = None):
     cfg.init = "random" if recorded_init == "random" else "pretrained"
     torch.manual_seed(int(meta.get("seed", cfg.get("seed", 0))))
     model = build_model(cfg, dtype=dtype)
-    apply_tuning(model, cfg.tuner, tune_for_stage(cfg, meta["stage"]))
-    load_trainable_into(model, path)
+    restore_trained_weights(model, path, cfg, meta)
     model.template = meta.get("template", model.template)
     return model.to(device).eval()

@@ -130,10 +130,7 @@ def build_stage_model(cfg: DictConfig, spec: StageSpec, stage1: Optional[Path], 
         model = build_model(cfg, dtype=dtype)
         if stage1 is not None:
             meta = ckpt.require_stage1_checkpoint(stage1)
-            stage1_cfg = OmegaConf.load(stage1 / ckpt.CONFIG_FILE)
-            stage1_tune = meta.get("tune") or {"vision": "frozen", "connector": "full", "llm": "frozen"}
-            apply_tuning(model, stage1_cfg.tuner, stage1_tune)
-            ckpt.load_trainable_into(model, stage1)
+            ckpt.restore_trained_weights(model, stage1, OmegaConf.load(stage1 / ckpt.CONFIG_FILE), meta)
         apply_tuning(model, cfg.tuner, spec.tune)
     model.template = spec.template
     return model
