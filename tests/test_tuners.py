@@ -179,3 +179,19 @@ def test_lora_merge_for_export():
     apply_tuning(other, SMALL["mores"])
     with pytest.raises(FactoryError, match="cannot be merged"):
         merge_for_export(other)
+
+
+def test_stage_plan_accepts_exactly_the_tune_types_apply_tuning_supports():
+    """`stage.<stage>.tune` from YAML is validated by the same table as apply_tuning: vision=lora is a valid plan,
+    connector=tuner is not, and a left-out component is frozen."""
+    from omegaconf import OmegaConf
+
+    from factory.train.stages import tune_for_stage
+
+    cfg = OmegaConf.create({"stage": {"instruct": {"tune": {"vision": "lora", "connector": "full", "llm": "tuner"}},
+                                      "pretrain": {"tune": {"connector": "full"}}}})
+    assert tune_for_stage(cfg, "instruct") == {"vision": "lora", "connector": "full", "llm": "tuner"}
+    assert tune_for_stage(cfg, "pretrain") == {"vision": "frozen", "connector": "full", "llm": "frozen"}
+    cfg.stage.instruct.tune.connector = "tuner"
+    with pytest.raises(FactoryError, match=r"stage\.instruct\.tune\.connector='tuner'"):
+        tune_for_stage(cfg, "instruct")

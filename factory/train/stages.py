@@ -15,8 +15,6 @@ from omegaconf import DictConfig, OmegaConf
 from factory.errors import FactoryError
 
 STAGES = ("pretrain", "instruct")
-TUNE_TYPES = ("frozen", "full", "tuner")
-COMPONENTS = ("vision", "connector", "llm")
 
 
 @dataclass
@@ -40,17 +38,12 @@ def stage_names(cfg: DictConfig) -> List[str]:
 
 
 def tune_for_stage(cfg: DictConfig, stage: str) -> Dict[str, str]:
-    node = cfg.stage.get(stage) or {}
-    tune = dict(node.get("tune") or {})
-    for component in COMPONENTS:
-        value = tune.get(component, "frozen")
-        if value not in TUNE_TYPES:
-            raise FactoryError(
-                f"`stage.{stage}.tune.{component}` is {value!r}; use one of {list(TUNE_TYPES)} "
-                "(`tuner` = the tuner selected with tuner=...)."
-            )
-        tune[component] = value
-    return {c: tune[c] for c in COMPONENTS}
+    """`stage.<stage>.tune`, a component left out being frozen, validated by the tuners' own table of tune types."""
+    from factory.tuners.freeze import TUNE_TYPES, check_tune
+
+    tune = {component: "frozen" for component in TUNE_TYPES}
+    tune.update((cfg.stage.get(stage) or {}).get("tune") or {})
+    return check_tune(tune, where=f"stage.{stage}.tune")
 
 
 def template_for_stage(cfg: DictConfig, stage: str) -> str:

@@ -32,21 +32,22 @@ VISION_LORA_DEFAULTS = {"r": 16, "alpha": 32, "dropout": 0.05}
 _VISION_ADAPTER = "vision_lora"
 
 
-def check_tune(tune: Mapping[str, Any]) -> Dict[str, str]:
-    """Validate a `tune` mapping ({vision, connector, llm}) and return it as a plain dict."""
+def check_tune(tune: Mapping[str, Any], where: str = "stage.<stage>.tune") -> Dict[str, str]:
+    """Validate a `tune` mapping ({vision, connector, llm}) and return it as a plain dict; `where` names the key in
+    error messages."""
     tune = dict(tune or {})
     unknown = sorted(set(tune) - set(TUNE_TYPES))
     missing = sorted(set(TUNE_TYPES) - set(tune))
     if unknown or missing:
         raise FactoryError(
-            f"stage.<stage>.tune must name exactly the components vision, connector and llm "
+            f"{where} must name exactly the components vision, connector and llm "
             f"(missing: {missing or 'none'}; unknown: {unknown or 'none'}). Example: "
             f"{{vision: frozen, connector: full, llm: tuner}}."
         )
     for component, value in tune.items():
         if value not in TUNE_TYPES[component]:
             raise FactoryError(
-                f"stage.<stage>.tune.{component}={value!r} is not a tune type for the {component}; use one of "
+                f"{where}.{component}={value!r} is not a tune type for the {component}; use one of "
                 f"{', '.join(TUNE_TYPES[component])}."
             )
     return {k: str(v) for k, v in tune.items()}
