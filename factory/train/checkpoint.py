@@ -207,4 +207,9 @@ def load_checkpoint(path, device: str = "cpu", dtype: Optional[Any] = None):
     model = build_model(cfg, dtype=dtype)
     restore_trained_weights(model, path, cfg, meta)
     model.template = meta.get("template", model.template)
+    if dtype is not None:  # as the bf16/fp32 engine held it in training, tuner weights included (PEFT keeps fp32)
+        from factory.model.build import resolve_dtype
+        from factory.train.engine import cast_parameters
+
+        cast_parameters(model, resolve_dtype(dtype))
     return model.to(device).eval()

@@ -52,6 +52,17 @@ def _standard_strides(model: torch.nn.Module) -> None:
                 param.data = torch.empty(param.shape, dtype=param.dtype, device=param.device).copy_(param.data)
 
 
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Every floating-point parameter to `dtype`, buffers untouched (rotary inv_freq stays fp32): the cast
+    `deepspeed.initialize` applies to the module in bf16 mode, so that a checkpoint reloaded in that dtype runs the
+    exact model that trained. Without it, adapters that PEFT or a tuner keep in fp32 would compute in fp32 after a
+    reload while training computed them in bf16."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+
+
 def create_engine(model: torch.nn.Module, hparams: Any, ds_config: Dict[str, Any], total_steps: int):
     import deepspeed
 

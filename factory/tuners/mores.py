@@ -7,7 +7,9 @@ At the selected positions of the output of a decoder block (the residual stream 
 R ∈ R^{D×d} has orthonormal columns (a hard constraint: `torch.nn.utils.parametrizations.orthogonal` with the
 householder map), W ∈ R^{d×D} and b ∈ R^d are one `nn.Linear(D, d)` with its default init (MoReS is not the
 identity at step 0). Every steered layer has its own R, W, b: d(2D+1) parameters per layer. The intervention always
-runs in fp32 (half-precision QR kernels do not exist); h is cast to fp32 and the result back to h's dtype.
+runs in fp32 (half-precision QR kernels do not exist); h is cast to fp32 and the result back to h's dtype. It is
+immune to `torch.autocast`: autocast would otherwise run the reflector products and W·h in bf16 (R then drifts
+from orthonormal by ~1e-3 and the steering changes), so both are computed with autocast switched off.
 
 Why `use_trivialization=False`: with the default dynamic trivialization torch keeps a D×D `base` buffer per layer
 that is not a parameter, so a checkpoint of the trainable parameters alone would not determine R (the bug pyreft had)
@@ -23,6 +25,8 @@ from __future__ import annotations
 
 from functools import partial
 from typing import Dict, List, Optional, Sequence
+
+import contextlib
 
 import torch
 from torch import nn
@@ -61,14 +65,25 @@ class MoReSIntervention(nn.Module):
         MoReS layer as slow as a decoder block. The signs are read as ±1 from the diagonal's sign (weight decay or a
         bf16 cast could otherwise shrink 1.0 to 0.99…).
         """
-        return householder_columns(self.rotate.parametrizations.weight.original.float())
+        stored = self.rotate.parametrizations.weight.original
+        with without_autocast(stored.device):
+            return householder_columns(stored.float())
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        x = hidden.float()
-        rot = self.rotation()
-        weight, bias = self.project.weight.float(), self.project.bias.float()
-        delta = (x @ weight.t() + bias - x @ rot) @ rot.t()
-        return self.dropout(x + delta).to(hidden.dtype)
+        with without_autocast(hidden.device):
+            x = hidden.float()
+            rot = self.rotation()
+            weight, bias = self.project.weight.float(), self.project.bias.float()
+            delta = (x @ weight.t() + bias - x @ rot) @ rot.t()
+            return self.dropout(x + delta).to(hidden.dtype)
+
+
+def without_autocast(device: torch.device):
+    """A context in which matmuls on `device` run in their inputs' dtype (fp32 here) even inside a caller's
+    `torch.autocast` region; a no-op for devices autocast does not know (meta)."""
+    if device.type in ("cpu", "cuda", "xpu", "mps", "hpu") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def householder_columns(stored: torch.Tensor) -> torch.Tensor:
