@@ -1,5 +1,6 @@
-"""Benchmark scorers on hand-made cases: every VQA normalisation rule, leave-one-out accuracy, GQA, POPE metrics on a
-known confusion matrix, ScienceQA / MMMU letter parsing, and the scorer CLI on small files (incl. bad input)."""
+"""The `lenient` protocol's scorers on hand-made cases: every VQA normalisation rule, leave-one-out accuracy, GQA, POPE
+metrics on a known confusion matrix, ScienceQA / MMMU letter parsing, and the scorer CLI on small files (incl. bad
+input). The `official` protocol (the default) is tested in tests/test_official_scoring.py."""
 import json
 import subprocess
 import sys
@@ -108,9 +109,10 @@ def test_cli_vqav2_prints_one_json_line_and_writes_submission(tmp_path, capsys):
     ]}))
     preds = _jsonl(tmp_path / "p.jsonl", [{"question_id": 1, "text": "Two"}, {"question_id": 2, "text": "red"}])
     assert score_main(["--benchmark", "vqav2", "--predictions", str(preds), "--annotations", str(ann),
-                       "--submission-dir", str(tmp_path / "sub")]) == 0
+                       "--submission-dir", str(tmp_path / "sub"), "--protocol", "lenient"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["accuracy"] == pytest.approx((1.0 + 0.6) / 2 * 100) and result["n"] == 2
+    assert result["protocol"] == "lenient"
     submission = json.loads((tmp_path / "sub" / "vqav2_test-dev_submission.json").read_text())
     assert submission == [{"question_id": 1, "answer": "2"}, {"question_id": 2, "answer": "red"}]
 
@@ -120,7 +122,8 @@ def test_cli_as_module_subprocess(tmp_path):
     ann.write_text(json.dumps({"q1": {"answer": "left"}, "q2": {"answer": "yes"}}))
     preds = _jsonl(tmp_path / "p.jsonl", [{"question_id": "q1", "text": "Left."}, {"question_id": "q2", "text": "no"}])
     out = subprocess.run([sys.executable, "-m", "factory.eval.score", "--benchmark", "gqa", "--predictions",
-                          str(preds), "--annotations", str(ann)], capture_output=True, text=True, check=True)
+                          str(preds), "--annotations", str(ann), "--protocol", "lenient"],
+                         capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1])["accuracy"] == pytest.approx(50.0)
 
 
@@ -128,7 +131,7 @@ def test_textvqa_pope_sqa_files(tmp_path):
     tv = tmp_path / "textvqa.json"
     tv.write_text(json.dumps({"data": [{"question_id": 7, "answers": ["Coca Cola"] * 10}]}))
     preds = _jsonl(tmp_path / "tv.jsonl", [{"question_id": 7, "text": "coca-cola"}])
-    assert score_file("textvqa", preds, tv)["accuracy"] == pytest.approx(100.0)
+    assert score_file("textvqa", preds, tv, protocol="lenient")["accuracy"] == pytest.approx(100.0)
 
     pope_dir = tmp_path / "pope"
     pope_dir.mkdir()
@@ -136,7 +139,7 @@ def test_textvqa_pope_sqa_files(tmp_path):
     _jsonl(pope_dir / "coco_pope_adversarial.json", [{"question_id": 3, "label": "no"}, {"question_id": 4, "label": "yes"}])
     preds = _jsonl(tmp_path / "pope.jsonl", [{"question_id": i, "text": t} for i, t in
                                              [(1, "Yes."), (2, "No, there is not."), (3, "Yes, there is."), (4, "Yes")]])
-    result = score_file("pope", preds, pope_dir)
+    result = score_file("pope", preds, pope_dir, protocol="lenient")
     assert result["splits"]["random"]["accuracy"] == pytest.approx(100.0)
     assert result["splits"]["adversarial"]["accuracy"] == pytest.approx(50.0)
     assert result["accuracy"] == pytest.approx(75.0) and result["yes_ratio"] == pytest.approx(75.0)
@@ -150,7 +153,7 @@ def test_textvqa_pope_sqa_files(tmp_path):
     }))
     preds = _jsonl(tmp_path / "sqa.jsonl", [{"question_id": "10", "text": "The answer is B."},
                                             {"question_id": "11", "text": "A"}, {"question_id": "12", "text": "dunno"}])
-    result = score_file("sqa", preds, problems)
+    result = score_file("sqa", preds, problems, protocol="lenient")
     assert result["accuracy"] == pytest.approx(200 / 3) and result["img_accuracy"] == pytest.approx(50.0)
     assert result["unparsable"] == 1 and result["n_img"] == 2
 
@@ -160,7 +163,7 @@ def test_bad_inputs_are_reported_not_silently_scored(tmp_path, capsys):
     ann.write_text(json.dumps({"annotations": [{"question_id": 1, "answers": [{"answer": "2"}] * 10}]}))
     # an unknown id is skipped and counted; an empty prediction is scored as wrong and counted
     preds = _jsonl(tmp_path / "p.jsonl", [{"question_id": 1, "text": ""}, {"question_id": 99, "text": "2"}])
-    result = score_file("vqav2", preds, ann)
+    result = score_file("vqav2", preds, ann, protocol="lenient")
     assert (result["n"], result["skipped_unknown_id"], result["empty_predictions"]) == (1, 1, 1)
     assert result["accuracy"] == 0.0
     assert "99" in capsys.readouterr().err

@@ -74,20 +74,35 @@ def _wrong_format(path: Path, benchmark: str, expected: str) -> FactoryError:
                         f"Check that --annotations points at the {benchmark} file (see docs/evaluation.md).")
 
 
-def _answer_strings(answers: Any, path: Path, qid: Any) -> List[str]:
+def _answer_records(answers: Any, path: Path, qid: Any) -> List[Any]:
+    """A question's human answer records as the file holds them (dicts with "answer", or bare strings)."""
     if not isinstance(answers, list) or not answers:
         raise FactoryError(f"Question {qid} in {path} has no human answers (`answers` is empty or missing); "
                            f"test splits without answers cannot be scored locally.")
-    return [a["answer"] if isinstance(a, dict) else str(a) for a in answers]
+    for record in answers:
+        if isinstance(record, dict) and "answer" not in record:
+            raise FactoryError(f"An answer record of question {qid} in {path} has no `answer` key ({record}). "
+                               f"Human answers are strings or objects {{\"answer\": ...}}.")
+    return answers
 
 
-def load_vqav2(path: Path) -> Dict[str, List[str]]:
+def _answer_strings(answers: Any, path: Path, qid: Any) -> List[str]:
+    return [a["answer"] if isinstance(a, dict) else str(a) for a in _answer_records(answers, path, qid)]
+
+
+def load_vqav2_records(path: Path) -> Dict[str, List[Any]]:
+    """question_id → the annotation's answer records as written (the official scorer compares whole records)."""
     doc = read_json_or_jsonl(path, "VQAv2 annotations")
     if not isinstance(doc, dict) or "annotations" not in doc:
         raise _wrong_format(path, "vqav2", 'the official v2 annotations JSON {"annotations": [{"question_id", '
                                            '"answers": [{"answer": ...} x10]}]}')
-    return {str(a["question_id"]): _answer_strings(a.get("answers"), path, a.get("question_id"))
+    return {str(a["question_id"]): _answer_records(a.get("answers"), path, a.get("question_id"))
             for a in doc["annotations"]}
+
+
+def load_vqav2(path: Path) -> Dict[str, List[str]]:
+    return {qid: [a["answer"] if isinstance(a, dict) else str(a) for a in records]
+            for qid, records in load_vqav2_records(path).items()}
 
 
 def load_textvqa(path: Path) -> Dict[str, List[str]]:
@@ -97,20 +112,30 @@ def load_textvqa(path: Path) -> Dict[str, List[str]]:
     return {str(r["question_id"]): _answer_strings(r.get("answers"), path, r.get("question_id")) for r in doc["data"]}
 
 
-def load_vizwiz(path: Path) -> Dict[str, List[str]]:
+def load_vizwiz_records(path: Path) -> Dict[str, List[Any]]:
     """VizWiz val.json has no question ids: rows are keyed by their image file name."""
     doc = read_json_or_jsonl(path, "VizWiz annotations")
     if not isinstance(doc, list) or not doc or not isinstance(doc[0], dict) or "image" not in doc[0]:
         raise _wrong_format(path, "vizwiz", 'the VizWiz annotations list [{"image", "question", "answers": [...]}]')
-    return {str(r["image"]): _answer_strings(r.get("answers"), path, r.get("image")) for r in doc}
+    return {str(r["image"]): _answer_records(r.get("answers"), path, r.get("image")) for r in doc}
 
 
-def load_gqa(path: Path) -> Dict[str, str]:
+def load_vizwiz(path: Path) -> Dict[str, List[str]]:
+    return {image: [a["answer"] if isinstance(a, dict) else str(a) for a in records]
+            for image, records in load_vizwiz_records(path).items()}
+
+
+def load_gqa_questions(path: Path) -> Dict[str, Dict[str, Any]]:
+    """question id → the official question object (answer, isBalanced, types ...)."""
     doc = read_json_or_jsonl(path, "GQA questions")
     if not isinstance(doc, dict) or not doc or not all(isinstance(v, dict) and "answer" in v
                                                        for v in list(doc.values())[:50]):
         raise _wrong_format(path, "gqa", 'the official GQA questions JSON {"<question id>": {"answer": ...}}')
-    return {str(qid): str(v["answer"]) for qid, v in doc.items()}
+    return {str(qid): v for qid, v in doc.items()}
+
+
+def load_gqa(path: Path) -> Dict[str, str]:
+    return {qid: str(v["answer"]) for qid, v in load_gqa_questions(path).items()}
 
 
 def load_labels(path: Path, benchmark: str, label_key: str = "answer") -> Dict[str, Dict[str, Any]]:

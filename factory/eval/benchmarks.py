@@ -1,8 +1,10 @@
 """The BENCHMARKS registry: for each benchmark name, how to score an answer file and what to export.
 
-A `Benchmark` bundles a scorer ``score(predictions, annotations, questions, strict) -> metrics`` (None when the
-benchmark is judged elsewhere, e.g. MM-Vet by GPT-4), an optional exporter writing the official submission file,
-and generation defaults. Metrics are percentages (0..100) plus ``n`` and the skip counts of `annotations.join`.
+A `Benchmark` bundles two scorers ``score(predictions, annotations, questions, strict) -> metrics`` — ``official``
+(factory/eval/official/: the benchmark's own evaluation code, bit for bit; the default protocol) and ``score`` (the
+factory's lenient rules of factory/eval/scoring.py) — None when the benchmark is judged elsewhere (MM-Vet by GPT-4),
+the matching exporters of the submission file, and generation defaults. `score_answers` / `export_answers` pick by
+protocol. Metrics are percentages (0..100) plus ``n`` and the skip counts of `annotations.join`.
 """
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ from typing import Any, Callable, Dict, List, Optional
 
 from factory.errors import FactoryError
 from factory.eval import annotations as ann
-from factory.eval import scoring
+from factory.eval import official, scoring
+from factory.eval.official import exports as official_exports
+from factory.eval.official import scorers as official_scorers
 from factory.registry import BENCHMARKS
 
 Rows = List[Dict[str, Any]]
@@ -29,20 +33,66 @@ class Benchmark:
     description: str = ""
     # True when the question file itself holds the gold answers (micro-world): it doubles as the annotations.
     answers_in_questions: bool = False
+    # The `official` protocol's scorer and exporter (None: no official counterpart, the lenient one is used).
+    official: Optional[Callable[..., Dict[str, Any]]] = None
+    official_export: Optional[Callable[[Rows, Path, Optional[Path]], Path]] = None
+    # True when the official scorer guesses at random for unparsable answers (MMMU): it takes the `seed`.
+    seeded: bool = False
+
+    def scorer(self, protocol: str) -> Optional[Callable[..., Dict[str, Any]]]:
+        return self.official or self.score if official.check_protocol(protocol) == "official" else self.score
+
+    def exporter(self, protocol: str) -> Optional[Callable[[Rows, Path, Optional[Path]], Path]]:
+        return (self.official_export or self.export if official.check_protocol(protocol) == "official"
+                else self.export)
+
+
+def score_answers(bench: Benchmark, predictions: Rows, annotations: Path, questions: Optional[Path] = None,
+                  strict: bool = False, protocol: str = official.DEFAULT_PROTOCOL,
+                  seed: int = official.DEFAULT_SEED) -> Dict[str, Any]:
+    """The metrics of `predictions` under `protocol`, with ``"protocol"`` recorded in them."""
+    score = bench.scorer(protocol)
+    if score is None:
+        raise FactoryError(f"Benchmark {bench.name!r} is not scored locally (it is judged by its own service); "
+                           f"export the official answer file instead.")
+    extra = {"seed": seed} if bench.seeded and protocol == "official" else {}
+    return {**score(predictions, annotations, questions, strict, **extra), "protocol": protocol}
+
+
+def export_answers(bench: Benchmark, predictions: Rows, out_dir: Path, questions: Optional[Path] = None,
+                   protocol: str = official.DEFAULT_PROTOCOL) -> Path:
+    export = bench.exporter(protocol)
+    if export is None:
+        raise FactoryError(f"Benchmark {bench.name!r} has no official submission format to export (exporting exists "
+                           f"for vqav2, vizwiz and mmvet).")
+    return export(predictions, out_dir, questions)
+
+
+def score_and_export(bench: Benchmark, predictions: Rows, out_dir: Path, annotations: Optional[Path],
+                     questions: Optional[Path], submission_questions: Optional[Path],
+                     protocol: str = official.DEFAULT_PROTOCOL) -> Dict[str, Any]:
+    """What eval.py adds to results.json: the protocol, the submission file (when the benchmark has one) and the
+    metrics (when there are annotations and the benchmark is scored locally)."""
+    out: Dict[str, Any] = {"protocol": official.check_protocol(protocol)}
+    if bench.exporter(protocol) is not None:
+        out["submission"] = str(export_answers(bench, predictions, out_dir, submission_questions, protocol))
+    if annotations is not None and bench.scorer(protocol) is not None:
+        out["metrics"] = score_answers(bench, predictions, Path(annotations), questions, False, protocol)
+    return out
 
 
 def _vqa_scorer(loader: Callable[[Path], Dict[str, List[str]]], protocol: str, name: str, key: str = "question_id"):
     def score(predictions: Rows, annotations: Path, questions: Optional[Path] = None, strict: bool = False):
         truth = loader(annotations)
         if key != "question_id":
-            predictions = _attach_from_questions(predictions, questions, key, name)
+            predictions = attach_from_questions(predictions, questions, key, name)
         joined = ann.join(predictions, truth, name, annotations, key=key, strict=strict)
         accs = [scoring.vqa_accuracy(row["text"], answers, protocol) for row, answers in joined.pairs]
         return {"accuracy": scoring.mean_percent(accs), **joined.report()}
     return score
 
 
-def _attach_from_questions(predictions: Rows, questions: Optional[Path], key: str, name: str) -> Rows:
+def attach_from_questions(predictions: Rows, questions: Optional[Path], key: str, name: str) -> Rows:
     """Answer rows written by eval.py carry the image name; foreign answer files may need the question file."""
     if all(key in row for row in predictions):
         return predictions
@@ -159,7 +209,7 @@ def export_mmvet(predictions: Rows, out_dir: Path, test_questions: Optional[Path
 
 def export_vizwiz(predictions: Rows, out_dir: Path, test_questions: Optional[Path] = None) -> Path:
     """VizWiz server submission: [{"image": name, "answer": normalised}]."""
-    predictions = _attach_from_questions(predictions, test_questions, "image", "vizwiz")
+    predictions = attach_from_questions(predictions, test_questions, "image", "vizwiz")
     out = Path(out_dir) / "vizwiz_submission.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps([{"image": r.get("image"), "answer": scoring.normalize_vqa_answer(r["text"])}
@@ -173,24 +223,28 @@ def score_microworld(predictions: Rows, annotations: Path, questions: Optional[P
     return score(predictions, annotations, questions, strict)
 
 
-
-
 def get_benchmark(name: str) -> Benchmark:
     """The registered benchmark `name` (FactoryError listing the known ones otherwise)."""
     return BENCHMARKS.get(name)
 
 
+_off = official_scorers
 for _benchmark in (
-    Benchmark("vqav2", _vqa_scorer(ann.load_vqav2, "vqa", "vqav2"), export_vqav2, 16, "VQAv2 (VQA accuracy)"),
-    Benchmark("textvqa", _vqa_scorer(ann.load_textvqa, "textvqa", "textvqa"), None, 16, "TextVQA (VQA accuracy)"),
+    Benchmark("vqav2", _vqa_scorer(ann.load_vqav2, "vqa", "vqav2"), export_vqav2, 16, "VQAv2 (VQA accuracy)",
+              official=_off.score_vqav2, official_export=official_exports.export_vqav2),
+    Benchmark("textvqa", _vqa_scorer(ann.load_textvqa, "textvqa", "textvqa"), None, 16, "TextVQA (VQA accuracy)",
+              official=_off.score_textvqa),
     Benchmark("vizwiz", _vqa_scorer(ann.load_vizwiz, "vqa", "vizwiz", key="image"), export_vizwiz, 16,
-              "VizWiz (VQA accuracy, joined by image name)"),
-    Benchmark("gqa", score_gqa, None, 16, "GQA testdev-balanced (exact match)"),
-    Benchmark("pope", score_pope, None, 16, "POPE random/popular/adversarial (yes/no)"),
-    Benchmark("sqa", score_sqa, None, 16, "ScienceQA-IMG (option letter)"),
-    Benchmark("mmmu", score_mmmu, None, 64, "MMMU (multiple choice)"),
-    Benchmark("iconqa", score_iconqa, None, 16, "IconQA (exact match)"),
-    Benchmark("mmvet", None, export_mmvet, 512, "MM-Vet (GPT-4 judged: export only)"),
+              "VizWiz (VQA accuracy, joined by image name)", official=_off.score_vizwiz,
+              official_export=official_exports.export_vizwiz),
+    Benchmark("gqa", score_gqa, None, 16, "GQA testdev-balanced (exact match)", official=_off.score_gqa),
+    Benchmark("pope", score_pope, None, 16, "POPE random/popular/adversarial (yes/no)", official=_off.score_pope),
+    Benchmark("sqa", score_sqa, None, 16, "ScienceQA-IMG (option letter)", official=_off.score_sqa),
+    Benchmark("mmmu", score_mmmu, None, 64, "MMMU (multiple choice)", official=_off.score_mmmu, seeded=True),
+    Benchmark("iconqa", score_iconqa, None, 16, "IconQA (exact match)", official=_off.score_iconqa),
+    Benchmark("mmvet", None, export_mmvet, 512, "MM-Vet (GPT-4 judged: export only)",
+              official_export=official_exports.export_mmvet),
+    # The micro-world is the factory's own benchmark: there is no other code to follow, one scorer serves both.
     Benchmark("microworld", score_microworld, None, 8, "micro-world held-out split (exact match per type + POPE)",
               answers_in_questions=True),
 ):

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from factory.config import CONFIG_DIR, register_resolvers
 from factory.errors import FactoryError
+from factory.eval.official import check_protocol
 
 DEFAULTS = CONFIG_DIR / "eval" / "benchmark.yaml"
 
@@ -89,6 +90,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     if cfg.question_file is None:
         raise FactoryError(f"eval.py needs question_file=<LLaVA question file> for benchmark {cfg.benchmark!r}.")
     image_folder = Path(cfg.image_folder) if cfg.image_folder else None
+    check_protocol(str(cfg.protocol))  # a typo fails before the model is loaded
     model = load_model(cfg)
     eval_settings = OmegaConf.to_container(cfg, resolve=True)
     if cfg.analysis == "imbalance":
@@ -105,6 +107,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         skip_missing_images=bool(cfg.skip_missing_images),
         submission_questions=Path(cfg.submission_questions) if cfg.submission_questions else None,
         config={"eval": eval_settings, "checkpoint_config": train_cfg}, merge_wait_s=float(cfg.merge_wait_s),
+        protocol=str(cfg.protocol),
     )
 
 

@@ -128,12 +128,15 @@ def run_benchmark(model, benchmark: str, question_file: Path, output_dir: Path, 
                   annotations: Optional[Path] = None, batch_size: int = 8, max_new_tokens: Optional[int] = None,
                   limit: Optional[int] = None, model_id: str = "model", skip_missing_images: bool = False,
                   submission_questions: Optional[Path] = None, config: Optional[Dict[str, Any]] = None,
-                  merge_wait_s: float = 3600.0, progress: bool = True) -> Optional[Dict[str, Any]]:
+                  merge_wait_s: float = 3600.0, progress: bool = True,
+                  protocol: str = "official") -> Optional[Dict[str, Any]]:
     """Generate (this rank's shard), then on rank 0 merge, score / export and write results.json (returned)."""
     from factory.eval.annotations import load_predictions
-    from factory.eval.benchmarks import get_benchmark
+    from factory.eval.benchmarks import get_benchmark, score_and_export
+    from factory.eval.official import check_protocol
 
     bench = get_benchmark(benchmark)
+    check_protocol(protocol)  # before generating, not after
     rank, world = dist_env()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -156,10 +159,8 @@ def run_benchmark(model, benchmark: str, question_file: Path, output_dir: Path, 
     if annotations is None and bench.answers_in_questions:
         annotations = Path(question_file)
     rows = load_predictions(answers)
-    if bench.export is not None:
-        result["submission"] = str(bench.export(rows, output_dir, submission_questions))
-    if annotations is not None and bench.score is not None:
-        result["metrics"] = bench.score(rows, Path(annotations), Path(question_file), False)
+    result.update(score_and_export(bench, rows, output_dir, annotations, Path(question_file), submission_questions,
+                                   protocol))  # "protocol" (official | lenient), "submission", "metrics"
     result["config"] = config or {}
     (output_dir / "results.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
     return result

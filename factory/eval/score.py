@@ -1,5 +1,6 @@
 """Score an answer file without a model: ``python -m factory.eval.score --benchmark vqav2 --predictions answers.jsonl
---annotations v2_mscoco_val2014_annotations.json``.
+--annotations v2_mscoco_val2014_annotations.json`` (``--protocol official``, the default, reproduces the benchmark's
+official evaluation code; ``--protocol lenient`` uses the factory's friendlier answer parsing).
 
 Prints ONE JSON object with the metrics on the last line of stdout (warnings go to stderr), so scripts can read it
 with ``tail -n 1``. Exit code 2 with a one-paragraph message on bad input.
@@ -13,30 +14,33 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from factory.errors import FactoryError
-from factory.eval.benchmarks import get_benchmark
+from factory.eval.benchmarks import export_answers, get_benchmark, score_answers
+from factory.eval.official import DEFAULT_PROTOCOL, DEFAULT_SEED, PROTOCOLS, check_protocol
 
 
 def score_file(benchmark: str, predictions: Path, annotations: Optional[Path] = None,
                questions: Optional[Path] = None, submission_dir: Optional[Path] = None,
-               strict: bool = False) -> Dict[str, Any]:
-    """Score (and/or export) one answer file; returns the metrics dict the CLI prints."""
+               strict: bool = False, protocol: str = DEFAULT_PROTOCOL, seed: int = DEFAULT_SEED) -> Dict[str, Any]:
+    """Score (and/or export) one answer file; returns the metrics dict the CLI prints (with ``protocol``)."""
     from factory.eval.annotations import load_predictions
 
+    check_protocol(protocol)
     bench = get_benchmark(benchmark)
     rows = load_predictions(Path(predictions))
     if not rows:
         raise FactoryError(f"The predictions file {predictions} is empty; there is nothing to score.")
-    result: Dict[str, Any] = {"benchmark": benchmark}
+    result: Dict[str, Any] = {"benchmark": benchmark, "protocol": protocol}
     if submission_dir is not None:
-        if bench.export is None:
+        if bench.exporter(protocol) is None:
             raise FactoryError(f"Benchmark {benchmark!r} has no official submission format to export; drop "
                                f"--submission-dir (exporting exists for vqav2, vizwiz and mmvet).")
-        result["submission"] = str(bench.export(rows, Path(submission_dir), questions))
+        result["submission"] = str(export_answers(bench, rows, Path(submission_dir), questions, protocol))
     if annotations is not None:
-        if bench.score is None:
+        if bench.scorer(protocol) is None:
             raise FactoryError(f"Benchmark {benchmark!r} is not scored locally (it is judged by its own service); "
                                f"use --submission-dir to export the official answer file instead.")
-        result.update(bench.score(rows, Path(annotations), Path(questions) if questions else None, strict))
+        result.update(score_answers(bench, rows, Path(annotations), Path(questions) if questions else None, strict,
+                                    protocol, seed))
     elif submission_dir is None:
         raise FactoryError(f"Nothing to do for {benchmark!r}: pass --annotations to score locally"
                            f"{' or --submission-dir to export' if bench.export else ''}.")
@@ -55,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write the official submission file here (vqav2 EvalAI test-dev, vizwiz, mmvet); for "
                              "vqav2 pass the official test-dev questions JSON as --questions to include every id")
     parser.add_argument("--strict", action="store_true", help="fail instead of skipping unknown question ids")
+    parser.add_argument("--protocol", default=DEFAULT_PROTOCOL, choices=PROTOCOLS,
+                        help="official (default): the benchmark's own evaluation code, bit for bit; lenient: the "
+                             "factory's friendlier answer parsing (docs/evaluation.md)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                        help="seed of MMMU's random guess for unparsable answers (official protocol; recorded)")
     return parser
 
 
@@ -62,7 +71,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = score_file(args.benchmark, args.predictions, args.annotations, args.questions,
-                            args.submission_dir, args.strict)
+                            args.submission_dir, args.strict, args.protocol, args.seed)
     except FactoryError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
