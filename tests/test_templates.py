@@ -26,20 +26,6 @@ def labelled_runs(labels):
     return runs + ([current] if current else [])
 
 
-@pytest.fixture(scope="module")
-def phi_tok(shared_tokenizers):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(shared_tokenizers / "gpt2" / "phi2_codegen"))
-
-
-@pytest.fixture(scope="module")
-def llama_tok(shared_tokenizers):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(shared_tokenizers / "llama"))
-
-
 @pytest.fixture(params=["phi", "vicuna_v1"])
 def setup(request):
     """(template, tokenizer) pairs as used in training: phi + Phi-2 tokenizer, vicuna_v1 + Llama tokenizer."""
@@ -47,10 +33,12 @@ def setup(request):
     return get_template(request.param), tok
 
 
-# "\nWhat is this? ASSISTANT:" and " A cat." + EOS as measured in the fixtures' SOURCE.md (full-string tokenization).
+# "\nWhat is this? ASSISTANT:" after the image and " A cat." + EOS, as LLaVA's tokenizer_image_token gives them
+# (tests/fixtures/tokenizers/*/expected.json, measured with transformers 4.37.2): the Llama chunk after the image
+# starts with the SentencePiece space piece 29871.
 EXPECTED_TAIL = {
     "phi": ([198, 2061, 318, 428, 30, 24994, 8808, 8643, 25], [317, 3797, 13, 50256]),
-    "vicuna_v1": ([13, 5618, 338, 445, 29973, 319, 1799, 9047, 13566, 29901], [319, 6635, 29889, 2]),
+    "vicuna_v1": ([29871, 13, 5618, 338, 445, 29973, 319, 1799, 9047, 13566, 29901], [319, 6635, 29889, 2]),
 }
 # BOS and the lone space token that "USER: " ends with before the image (as in LLaVA's tokenizer_image_token).
 EXPECTED_EDGES = {"phi": ([], 220), "vicuna_v1": ([1], 29871)}
@@ -84,9 +72,11 @@ def test_image_last_is_replaced_in_place(setup):
     assert labelled_runs(sample.labels) == [answer]
 
 
-def test_text_only_multi_turn_equals_whole_string_tokenization(setup):
-    """Piecewise ids are the tokenizer's own ids for the whole conversation string: the pieces never merge."""
-    template, tok = setup
+@pytest.mark.parametrize("name", ["phi", "vicuna_v1_natural"])
+def test_text_only_multi_turn_equals_whole_string_tokenization(name, phi_tok, llama_tok):
+    """Piecewise ids are the tokenizer's own ids for the whole conversation string: the pieces never merge.
+    (vicuna_v1 itself follows LLaVA-1.5's legacy tokenizer after each </s>: tests/test_llava_parity.py.)"""
+    template, tok = get_template(name), (phi_tok if name == "phi" else llama_tok)
     conv = turns("Hi there", "Hello! How can I help?", "Name a colour.", "Blue", "Another one?", "Red, or green.")
     sample = template.encode(conv, tok, N)
     eos = tok.eos_token
@@ -220,19 +210,22 @@ def test_tiny_tokenizer_without_shared_fixtures(name):
         assert tok.decode(sample.input_ids[len(prompt):]) == " There are three shapes.</s>"
 
 
-def test_legacy_sentencepiece_keeps_natural_answer_tokens(shared_tokenizers):
-    """legacy=True Llama tokenizers re-add the dummy-prefix space after special tokens (LLaVA-1.5's setting); the
-    answer must still be the natural tokens of " answer" (no stray lone '▁' token) and prompts stay prefixes."""
+def test_legacy_loaded_llama_tokenizer_gives_the_same_ids(real_tokenizers, llama_tok):
+    """A Llama tokenizer loaded with legacy=True (LLaVA-1.5's setting; transformers then re-adds the dummy prefix after
+    control tokens) gives the very same ids as the default one: the template, not the tokenizer flag, decides."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(shared_tokenizers / "llama"), legacy=True)
-    assert tok.encode("</s>a", add_special_tokens=False) == [2, 263]  # the quirk is really there
+    legacy = AutoTokenizer.from_pretrained(str(real_tokenizers / "llama"), legacy=True)
+    assert legacy.encode("</s>a", add_special_tokens=False) == [2, 263]  # the flag really changes the tokenizer
+    assert llama_tok.encode("</s>a", add_special_tokens=False) == [2, 29874]
     template = get_template("vicuna_v1")
     conv = turns("<image>\nWhat is this?", "A cat.", "And this?", "A dog.")
-    sample = template.encode(conv, tok, N)
+    sample = template.encode(conv, legacy, N)
+    assert sample.input_ids == template.encode(conv, llama_tok, N).input_ids
     assert labelled_runs(sample.labels) == [[319, 6635, 29889, 2], [319, 11203, 29889, 2]]
-    prompt = template.encode_prompt(conv[:3], tok, N)
+    prompt = template.encode_prompt(conv[:3], legacy, N)
     assert sample.input_ids[:len(prompt)] == prompt
+    # text-only: LLaVA's sequence is what the legacy tokenizer gives for the whole string ("</s>USER" -> ▁US ER)
     text = turns("Hi there", "Hello!", "Name a colour.", "Blue")
     whole = f"{SYSTEM} USER: Hi there ASSISTANT: Hello!</s>USER: Name a colour. ASSISTANT: Blue</s>"
-    assert template.encode(text, tok, N).input_ids == tok.encode(whole)
+    assert template.encode(text, llama_tok, N).input_ids == legacy.encode(whole)

@@ -2,31 +2,35 @@
 
 A template only decides the *layout* (which text goes where, which pieces carry loss). The ids are the
 concatenation of the pieces' ids, so the label mask is exact by construction: no re-tokenising the whole string and
-comparing lengths. How each piece is tokenized:
+comparing lengths. The pieces reproduce the sequences LLaVA-1.5 (``vicuna_v1``) and TinyLLaVA (``phi``, ``plain``)
+train and evaluate with, token for token (tests/test_llava_parity.py). How each piece is tokenized
+(factory.data.text_pieces):
 
 * ``bos``   - the BOS id(s) the tokenizer itself adds at the start of a text (Llama: ``<s>``; Phi-2: none).
-* ``start`` - text at the beginning of the sequence (or of a plain caption): ``encode(text)`` without special tokens,
-  so SentencePiece applies its usual dummy-prefix space exactly as it would on the whole string.
-* ``text``  - text that continues after an earlier piece. It is tokenized as the text following the EOS token
-  (``encode(eos + text)`` minus the EOS id): special tokens are split off before any merge, so nothing leaks across
-  the boundary, and SentencePiece adds no dummy prefix there. " answer" therefore becomes exactly the natural
-  tokens of " answer" inside a sentence (Llama ``▁A ▁cat .``, GPT-2 ``ĠA Ġcat .``), and a text-only conversation
-  encodes to the very ids the tokenizer gives for the whole string. Llama tokenizers loaded with ``legacy=True``
-  (Metaspace ``prepend_scheme="always"``) re-add the dummy prefix after special tokens, but only where the text does
-  not already start with a space, so " answer" keeps its natural tokens there too (tested); text without a leading
-  space after an EOS ("USER:") then gets the prefix exactly as in the whole-string tokenization.
+* ``start`` - text that LLaVA tokenizes at the start of a tokenizer call: the first chunk, the chunk after the image
+  (LLaVA splits the prompt at ``<image>``) and, with its legacy SentencePiece tokenizer, the text after each ``</s>``.
+  SentencePiece puts its dummy-prefix piece there, hence the lone ``▁`` (29871) right after LLaVA-1.5's image span.
+* ``text``  - text that continues after an earlier piece of the same string, without a dummy prefix: " answer"
+  becomes exactly the natural tokens of " answer" inside a sentence (Llama ``▁A ▁cat .``, GPT-2 ``ĠA Ġcat .``).
 * ``image`` - ``num_image_tokens`` copies of IMAGE_TOKEN_INDEX (never labelled).
 * ``eos``   - the tokenizer's EOS id: the templates share a layout, only the tokenizer knows the end token
   (``<|endoftext|>`` for Phi-2, ``</s>`` for Vicuna).
+
+Text is text: control-token strings inside the conversation (``</s>``, ``<|endoftext|>``, ``<s>``) are tokenized as
+ordinary characters; only the ``bos``/``eos`` pieces are control tokens.
+
+Image first: `move_image_first` is LLaVA's ``preprocess_multimodal`` (the ``<image>`` marker moved to the front of
+its turn, ``<image>\n`` + the rest stripped). The dataset applies it unless ``data.image_first: false``; eval and
+chat always build their prompts through it, so all three see the same prompt for the same question.
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from factory.constants import IGNORE_INDEX, IMAGE_MARKER, IMAGE_TOKEN_INDEX
 from factory.errors import FactoryError
+from factory.data.text_pieces import tokenizer_facts
 from factory.registry import TEMPLATES
 
 HUMAN, ASSISTANT = "human", "gpt"
@@ -82,57 +86,20 @@ def conversation_problem(conversations, has_image: Optional[bool] = None) -> Opt
     return None
 
 
-class _TokenizerFacts:
-    """What the piecewise encoding needs to know about one tokenizer, measured once and cached."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        if tokenizer.eos_token_id is None or tokenizer.eos_token is None:
-            raise FactoryError(
-                f"The tokenizer {type(tokenizer).__name__} has no EOS token; the chat templates end every answer "
-                f"with it. Set `tokenizer.eos_token` (e.g. in the LLM's tokenizer_config.json) before training."
-            )
-        self.eos_id = int(tokenizer.eos_token_id)
-        self.eos_text = str(tokenizer.eos_token)
-        if self._encode(self.eos_text) != [self.eos_id]:
-            raise FactoryError(
-                f"The tokenizer {type(tokenizer).__name__} does not encode its EOS token {self.eos_text!r} as the "
-                f"single id {self.eos_id}; register it as a special token so the templates can anchor on it."
-            )
-        probe = self._encode("a")
-        with_specials = tokenizer.encode("a", add_special_tokens=True)
-        self.bos_ids: List[int] = []
-        for i in range(len(with_specials) - len(probe) + 1):
-            if with_specials[i:i + len(probe)] == probe:
-                self.bos_ids = list(with_specials[:i])
-                break
-
-    def _encode(self, text: str) -> List[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def _after_eos(self, text: str) -> List[int]:
-        ids = self._encode(self.eos_text + text)
-        assert ids[:1] == [self.eos_id], "EOS must stay a single leading token"
-        return ids[1:]
-
-    def start(self, text: str) -> List[int]:
-        return self._encode(text) if text else []
-
-    def continuation(self, text: str) -> List[int]:
-        return self._after_eos(text) if text else []
+def image_first_text(value: str) -> str:
+    """One turn's text with the image marker moved first, exactly as LLaVA's `preprocess_multimodal` does it:
+    ``<image>\\n`` + the text without the marker, stripped; the whole stripped again (a turn that is only the marker
+    stays ``<image>``). Text without the marker is returned unchanged. Training, eval and chat all use this."""
+    if IMAGE_MARKER not in value:
+        return value
+    return (IMAGE_MARKER + "\n" + value.replace(IMAGE_MARKER, "").strip()).strip()
 
 
-_FACTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def tokenizer_facts(tokenizer) -> _TokenizerFacts:
-    try:
-        facts = _FACTS.get(tokenizer)
-    except TypeError:  # not weak-referenceable: measure every time (a few encode calls)
-        return _TokenizerFacts(tokenizer)
-    if facts is None:
-        facts = _FACTS[tokenizer] = _TokenizerFacts(tokenizer)
-    return facts
+def move_image_first(conversations: Conversation) -> List[Dict[str, str]]:
+    """`image_first_text` applied to every turn (only the first human turn may hold the marker). Returns new turn
+    dicts; `conversations` is not modified (dataset entries are encoded again every epoch)."""
+    return [dict(turn, value=image_first_text(turn["value"])) if isinstance(turn.get("value"), str) else dict(turn)
+            for turn in conversations]
 
 
 def _split_marker(text: str) -> Tuple[str, Optional[str]]:
@@ -218,9 +185,11 @@ class Template:
 class PlainTemplate(Template):
     """Stage-1 captioning: [BOS] <image tokens> caption "\\n".
 
-    The human turn's text is dropped (only its image is kept), as in LLaVA's pretraining. The loss covers the
-    caption and its closing newline, no EOS: the newline is the learned end of a caption (stop generation on it).
-    A text-only sample is just [BOS] caption "\\n".
+    LLaVA's ``plain`` (``preprocess_plain``: the human turn is replaced by the bare ``<image>``, its text dropped;
+    then caption + "\\n"; TinyLLaVA's ``pretrain`` is the same). The caption is its own chunk in LLaVA's
+    ``tokenizer_image_token``, so it is a ``start`` piece. The loss covers the caption and its closing newline, no
+    EOS: the newline is the learned end of a caption (stop generation on it). A text-only sample (LLaVA refuses
+    those) is just [BOS] caption "\\n".
     """
 
     name = "plain"
@@ -242,31 +211,40 @@ class PlainTemplate(Template):
 
 
 class V1Template(Template):
-    """LLaVA-1.5 "v1" layout:
+    """LLaVA-1.5 "v1" layout (LLaVA's ``conv_vicuna_v1``, TinyLLaVA's ``phi``):
     `SYSTEM USER: <image>\\nq1 ASSISTANT: a1<eos>USER: q2 ASSISTANT: a2<eos>` - loss on each " aK" + <eos>.
 
     The space after "ASSISTANT:" belongs to the answer (tokens of " aK"), so a prompt ends at "ASSISTANT:" and the
-    model generates the answer with its natural leading space. The image marker is replaced in place (first or
-    last in the first human turn, or anywhere in it) by the image span.
+    model generates the answer with its natural leading space. The image marker is replaced in place by the image
+    span (the dataset has already moved it to the front unless ``data.image_first: false``).
+
+    `legacy_chunks` (default True, LLaVA parity): the text after the image and after each ``<eos>`` is tokenized as
+    a start of string, as LLaVA's ``tokenizer_image_token`` with its legacy SentencePiece tokenizer did. With the
+    Llama tokenizer that gives the space piece 29871 right after the image span and ``▁US ER`` (3148, 1001) after
+    each ``</s>``; byte-level BPE (Phi-2) is unaffected. False tokenizes that text as a continuation of the string
+    (no space piece after the image, ``USER`` 11889 after ``</s>``): the ids a current tokenizer gives for the whole
+    text-only conversation string.
     """
 
     system = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
               "helpful, detailed, and polite answers to the user's questions.")
     user, assistant = "USER:", "ASSISTANT:"
+    legacy_chunks = True
 
     def pieces(self, conversations: Conversation, prompt_only: bool) -> List[Piece]:
+        restart = "start" if self.legacy_chunks else "text"  # text after the image or after an <eos>
         out: List[Piece] = [("bos", None, False)]
         for i in range(0, len(conversations), 2):
             question = conversations[i]["value"]
             head = f"{self.system} {self.user} " if i == 0 else f"{self.user} "
             before, after = _split_marker(question)
-            kind = "start" if i == 0 else "text"  # later turns follow the previous answer's EOS
+            kind = "start" if i == 0 else restart
             if after is None:
                 out.append((kind, f"{head}{question} {self.assistant}", False))
             else:
                 out.append((kind, head + before, False))
                 out.append(("image", None, False))
-                out.append(("text", f"{after} {self.assistant}", False))
+                out.append((restart, f"{after} {self.assistant}", False))
             if prompt_only and i + 1 >= len(conversations):
                 break
             out.append(("text", " " + conversations[i + 1]["value"], True))
@@ -276,16 +254,39 @@ class V1Template(Template):
 
 @TEMPLATES.register("phi")
 class PhiTemplate(V1Template):
-    """Phi-2 chat (TinyLLaVA's `phi`): the v1 layout; the end token is Phi-2's EOS `<|endoftext|>`."""
+    """Phi-2 chat (TinyLLaVA's `phi`): the v1 layout; the end token is Phi-2's EOS `<|endoftext|>`. Phi-2's byte-level
+    BPE has no dummy prefix, so TinyLLaVA's chunked tokenization equals the pieces here with either `legacy_chunks`."""
 
     name = "phi"
 
 
 @TEMPLATES.register("vicuna_v1")
 class VicunaV1Template(V1Template):
-    """Vicuna v1.5 / LLaVA-1.5 `v1`: the v1 layout; the end token is Llama's EOS `</s>` (after the BOS `<s>`)."""
+    """Vicuna v1.5 / LLaVA-1.5 `v1`: the v1 layout; the end token is Llama's EOS `</s>` (after the BOS `<s>`).
+    Token for token LLaVA-1.5's training and evaluation sequence, space piece after the image included."""
 
     name = "vicuna_v1"
+
+
+@TEMPLATES.register("vicuna_v1_natural")
+class VicunaV1NaturalTemplate(VicunaV1Template):
+    """`vicuna_v1` with `legacy_chunks` off: no space piece after the image span, ``USER`` after ``</s>``. The
+    factory's `vicuna_v1` before it matched LLaVA-1.5; use it for checkpoints trained that way."""
+
+    name = "vicuna_v1_natural"
+    legacy_chunks = False
+
+
+def encode_conversation(template: Template, conversations: Conversation, tokenizer, num_image_tokens: int,
+                        max_length: Optional[int] = None, image_first: bool = True) -> EncodedSample:
+    """A data entry's conversation as training sees it: the image marker moved first (LLaVA's rule) unless
+    `image_first` is False, then `template.encode`. The dataset and `python -m factory.data.inspect` both call this."""
+    problem = conversation_problem(conversations)
+    if problem:
+        raise FactoryError(f"Cannot encode a conversation with the {template.name!r} template: {problem}.")
+    if image_first:
+        conversations = move_image_first(conversations)
+    return template.encode(conversations, tokenizer, num_image_tokens, max_length)
 
 
 def get_template(name: str) -> Template:

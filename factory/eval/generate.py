@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from factory.constants import IMAGE_MARKER
+from factory.data.templates import image_first_text
 from factory.errors import FactoryError
 
 Question = Dict[str, Any]
@@ -51,10 +52,11 @@ def missing_images(questions: Sequence[Question], image_folder: Optional[Path]) 
 
 
 def conversation_for(question: Question) -> List[Dict[str, str]]:
-    """The human turn the model sees: the image marker first (LLaVA's eval convention) when the row has an image."""
-    text = question["text"].replace(IMAGE_MARKER, "").strip() if question.get("image") else question["text"]
+    """The human turn the model sees: when the row has an image, the marker first by the rule training uses
+    (`image_first_text`, LLaVA's `preprocess_multimodal`), wherever the question file put it or if it has none."""
+    text = question["text"]
     if question.get("image"):
-        text = f"{IMAGE_MARKER}\n{text}"
+        text = image_first_text(IMAGE_MARKER + text)
     return [{"from": "human", "value": text}]
 
 
@@ -83,15 +85,11 @@ def model_device(model) -> torch.device:
 
 
 def load_pixels(model, image_folder: Optional[Path], name: str) -> torch.Tensor:
-    from PIL import Image
+    # the opener training uses: 16-bit images scaled, decompression bombs and extreme aspect ratios refused
+    from factory.data.images import open_image
 
     path = Path(image_folder or ".") / name
-    try:
-        with Image.open(path) as image:
-            return model.vision.image_transform(image.convert("RGB"))
-    except (OSError, ValueError) as err:
-        raise FactoryError(f"Cannot read the image {path} ({err}). Check image_folder and the question file's "
-                           f"`image` entries.") from None
+    return model.vision.image_transform(open_image(str(path)))
 
 
 def left_pad(sequences: Sequence[List[int]], pad_id: int) -> tuple:
