@@ -56,15 +56,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         bad = [a for a in argv if "=" not in a]
         if bad:
             raise FactoryError(f"Arguments must be key=value (checkpoint=<dir> image=<file> [question=...] "
-                               f"[max_new_tokens=N] [device=cpu|cuda]); got {bad}.")
+                               f"[max_new_tokens=N] [device=cpu|cuda] [trust_remote_code=true]); got {bad}.")
         cfg = OmegaConf.merge({"checkpoint": None, "image": None, "question": None, "max_new_tokens": 256,
-                               "device": "auto"}, OmegaConf.from_dotlist(argv))
+                               "device": "auto", "trust_remote_code": False}, OmegaConf.from_dotlist(argv))
         if cfg.checkpoint is None:
             raise FactoryError("chat.py needs checkpoint=<folder> (a <run_dir>/<stage> folder written by train.py).")
-        from factory.eval.cli import pick_device
+        from factory.eval.cli import pick_device, remote_code_opt_in
         from factory.train.checkpoint import load_checkpoint
 
-        model = load_checkpoint(cfg.checkpoint, device=pick_device(cfg.device))
+        model = load_checkpoint(cfg.checkpoint, device=pick_device(cfg.device),
+                                trust_remote_code=remote_code_opt_in(cfg, "chat.py"))
         session = ChatSession(model, cfg.image, int(cfg.max_new_tokens))
         if cfg.question is not None:
             print(session.ask(str(cfg.question)))

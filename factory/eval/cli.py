@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from factory.config import CONFIG_DIR, register_resolvers
 from factory.errors import FactoryError
 from factory.eval.official import check_protocol
+from factory.eval.output_folder import ensure_writable_dir
 
 DEFAULTS = CONFIG_DIR / "eval" / "benchmark.yaml"
 
@@ -62,7 +63,26 @@ def load_model(cfg: DictConfig):
 
     device = pick_device(cfg.device)
     dtype = cfg.dtype or (torch.bfloat16 if device.startswith("cuda") else None)
-    return load_checkpoint(cfg.checkpoint, device=device, dtype=dtype)
+    return load_checkpoint(cfg.checkpoint, device=device, dtype=dtype,
+                           trust_remote_code=remote_code_opt_in(cfg, "eval.py"))
+
+
+def remote_code_opt_in(cfg: Any, command: str) -> bool:
+    """`trust_remote_code=true|false` on the command line (the only way to let a checkpoint's models run code)."""
+    value = cfg.get("trust_remote_code", False)
+    if not isinstance(value, bool):
+        raise FactoryError(f"trust_remote_code={value!r} on the {command} command line must be true or false.")
+    return value
+
+
+def output_dir_for(cfg: DictConfig, checkpoint: Path, default_name: str) -> Path:
+    """`output_dir`, or the default `<checkpoint>/eval/<name>`, checked before the model is loaded: a file in the
+    way or a read-only / full disk is reported with the folder and the fix."""
+    if cfg.output_dir:
+        return ensure_writable_dir(Path(cfg.output_dir))
+    hint = (f"This is the default output folder, inside the checkpoint {checkpoint} (a read-only or shared "
+            "checkpoint cannot hold it). ")
+    return ensure_writable_dir(checkpoint / "eval" / default_name, hint)
 
 
 def checkpoint_config(checkpoint: Path) -> Dict[str, Any]:
@@ -91,15 +111,16 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         raise FactoryError(f"eval.py needs question_file=<LLaVA question file> for benchmark {cfg.benchmark!r}.")
     image_folder = Path(cfg.image_folder) if cfg.image_folder else None
     check_protocol(str(cfg.protocol))  # a typo fails before the model is loaded
+    out_dir = output_dir_for(cfg, checkpoint, "imbalance" if cfg.analysis == "imbalance" else str(cfg.benchmark))
     model = load_model(cfg)
     eval_settings = OmegaConf.to_container(cfg, resolve=True)
     if cfg.analysis == "imbalance":
-        return run_imbalance(cfg, model, checkpoint, image_folder, train_cfg)
+        return run_imbalance(cfg, model, checkpoint, image_folder, train_cfg, out_dir)
     if cfg.analysis is not None:
         raise FactoryError(f"analysis={cfg.analysis!r} is unknown; the available analysis is `imbalance`.")
+    from factory.eval.output_folder import checkpoint_identity
     from factory.eval.runner import run_benchmark
 
-    out_dir = Path(cfg.output_dir) if cfg.output_dir else checkpoint / "eval" / cfg.benchmark
     return run_benchmark(
         model, cfg.benchmark, Path(cfg.question_file), out_dir, image_folder=image_folder,
         annotations=Path(cfg.annotations) if cfg.annotations else None, batch_size=int(cfg.batch_size),
@@ -107,12 +128,12 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         skip_missing_images=bool(cfg.skip_missing_images),
         submission_questions=Path(cfg.submission_questions) if cfg.submission_questions else None,
         config={"eval": eval_settings, "checkpoint_config": train_cfg}, merge_wait_s=float(cfg.merge_wait_s),
-        protocol=str(cfg.protocol),
+        identity=checkpoint_identity(checkpoint), protocol=str(cfg.protocol),
     )
 
 
 def run_imbalance(cfg: DictConfig, model, checkpoint: Path, image_folder: Optional[Path],
-                  train_cfg: Dict[str, Any]) -> Dict[str, Any]:
+                  train_cfg: Dict[str, Any], out_dir: Path) -> Dict[str, Any]:
     from factory.eval.generate import load_questions
     from factory.eval.imbalance import analyze, write_results
     from factory.eval.plots import plot_imbalance
@@ -124,7 +145,6 @@ def run_imbalance(cfg: DictConfig, model, checkpoint: Path, image_folder: Option
                      label=str(label))
     result["checkpoint"] = str(checkpoint)
     result["config"] = {"eval": OmegaConf.to_container(cfg, resolve=True)}
-    out_dir = Path(cfg.output_dir) if cfg.output_dir else checkpoint / "eval" / "imbalance"
     out_json = write_results(result, out_dir / "imbalance.json")
     png = plot_imbalance([result, *[Path(p) for p in opts.compare]], out_dir / "imbalance.png")
     return {"analysis": "imbalance", "json": str(out_json), "png": str(png), "n_samples": result["n_samples"],

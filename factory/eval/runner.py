@@ -8,11 +8,15 @@ Layout under ``output_dir`` (default ``<checkpoint>/eval/<benchmark>/``):
 * ``answers.jsonl`` — rank 0 merges the parts in question-file order once every question is answered (LLaVA answer
   format: question_id, prompt, text, answer_id, model_id, metadata, + image/category when the question has them).
 * ``results.json`` — metrics, counts, timing and the evaluation config (+ the checkpoint's config.yaml).
+* ``cache_key.json`` — the checkpoint identity and generation settings the answers were made with
+  (factory.eval.output_folder): answers are resumed only under the same key; a folder holding answers made
+  otherwise is left untouched and the run goes to ``<output_dir>-<key prefix>`` instead.
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -20,6 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from factory.errors import FactoryError
 from factory.eval.generate import Question, answer_questions, batched, load_questions, missing_images
+from factory.eval.output_folder import generation_settings, keyed_output_dir, settings_key, write_error
 
 PART_PREFIX = "answers.part"
 EXTRA_KEYS = ("image", "category", "question_type")
@@ -101,12 +106,30 @@ def merge_answers(questions: Sequence[Question], output_dir: Path, wait_s: float
         raise FactoryError(f"{len(missing)} question(s) have no answer in {output_dir} (e.g. {missing[:3]}): a "
                            f"process stopped early. Run the same command again; answered questions are skipped.")
     out = Path(output_dir) / "answers.jsonl"
+    _note_replaced_selection(out, [str(q["question_id"]) for q in questions])
     tmp = out.with_suffix(".jsonl.tmp")
     with tmp.open("w", encoding="utf-8") as sink:
         for q in questions:
             sink.write(json.dumps(answered[str(q["question_id"])]) + "\n")
     os.replace(tmp, out)
     return out
+
+
+def _note_replaced_selection(answers: Path, question_ids: List[str]) -> None:
+    """answers.jsonl is the merge of the part files for this run's questions; say so when it replaces a merge of
+    another selection (e.g. limit= changed): the answers themselves stay in the part files."""
+    if not answers.is_file():
+        return
+    old = []
+    for line in answers.read_text(encoding="utf-8").splitlines():
+        try:
+            old.append(str(json.loads(line)["question_id"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    if old != question_ids:
+        print(f"note: {answers} held {len(old)} answers; it now lists the {len(question_ids)} questions of this run "
+              f"(results.json too). Every answer stays in {PART_PREFIX}*.jsonl, so running the earlier selection "
+              "again rebuilds it without generating.", file=sys.stderr, flush=True)
 
 
 def select_questions(question_file: Path, image_folder: Optional[Path], limit: Optional[int],
@@ -129,8 +152,27 @@ def run_benchmark(model, benchmark: str, question_file: Path, output_dir: Path, 
                   limit: Optional[int] = None, model_id: str = "model", skip_missing_images: bool = False,
                   submission_questions: Optional[Path] = None, config: Optional[Dict[str, Any]] = None,
                   merge_wait_s: float = 3600.0, progress: bool = True,
-                  protocol: str = "official") -> Optional[Dict[str, Any]]:
-    """Generate (this rank's shard), then on rank 0 merge, score / export and write results.json (returned)."""
+                  identity: Optional[Dict[str, str]] = None, protocol: str = "official") -> Optional[Dict[str, Any]]:
+    """Generate (this rank's shard), then on rank 0 merge, score / export and write results.json (returned).
+
+    `identity`: what the model is, for the answer cache (eval.py passes the checkpoint's file hashes); None →
+    a fingerprint of the model's config and trained weights. The answers go to `output_dir`, or to its keyed
+    sibling when `output_dir` holds answers made with another model or other settings (factory.eval.output_folder);
+    `result["output_dir"]` says which."""
+    try:
+        return _run_benchmark(model, benchmark, question_file, output_dir, image_folder, annotations, batch_size,
+                              max_new_tokens, limit, model_id, skip_missing_images, submission_questions, config,
+                              merge_wait_s, progress, identity, protocol)
+    except OSError as err:  # disk full / read-only / permissions while writing answers or results
+        explained = write_error(err, Path(output_dir))
+        if explained is None:
+            raise
+        raise explained from None
+
+
+def _run_benchmark(model, benchmark, question_file, output_dir, image_folder, annotations, batch_size,
+                   max_new_tokens, limit, model_id, skip_missing_images, submission_questions, config,
+                   merge_wait_s, progress, identity, protocol="official"):
     from factory.eval.annotations import load_predictions
     from factory.eval.benchmarks import get_benchmark, score_and_export
     from factory.eval.official import check_protocol
@@ -138,12 +180,12 @@ def run_benchmark(model, benchmark: str, question_file: Path, output_dir: Path, 
     bench = get_benchmark(benchmark)
     check_protocol(protocol)  # before generating, not after
     rank, world = dist_env()
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     questions, skipped = select_questions(question_file, image_folder, limit, skip_missing_images)
     if not questions:
         raise FactoryError(f"No questions to answer in {question_file} (limit={limit}).")
     max_new_tokens = int(max_new_tokens or bench.max_new_tokens)
+    settings = generation_settings(model, benchmark, Path(question_file), image_folder, max_new_tokens, identity)
+    output_dir = keyed_output_dir(Path(output_dir), settings, announce=rank == 0)
     start = time.perf_counter()
     generated = generate_shard(model, questions, image_folder, output_dir, rank, world, batch_size, max_new_tokens,
                                model_id, progress)
@@ -151,7 +193,8 @@ def run_benchmark(model, benchmark: str, question_file: Path, output_dir: Path, 
     if rank != 0:
         return None
     answers = merge_answers(questions, output_dir, wait_s=merge_wait_s if world > 1 else 0.0)
-    result: Dict[str, Any] = {"benchmark": benchmark, "answers": str(answers), "n_questions": len(questions),
+    result: Dict[str, Any] = {"benchmark": benchmark, "answers": str(answers), "output_dir": str(output_dir),
+                              "cache_key": settings_key(settings), "n_questions": len(questions),
                               "skipped_missing_image": skipped, "generated_this_run": generated,
                               "generation_seconds_rank0": round(seconds, 3)}
     if generated:

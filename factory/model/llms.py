@@ -23,6 +23,15 @@ from factory.model.build import from_pretrained_or_explain, load_arch, node_get
 from factory.registry import LLMS
 
 
+def remote_code_flag(cfg: Any) -> bool:
+    """`llm.trust_remote_code` as a real boolean: a string such as "false" must not count as true."""
+    value = node_get(cfg, "trust_remote_code", False)
+    if not isinstance(value, bool):
+        raise FactoryError(f"`llm.trust_remote_code` is {value!r}; set it to true or false (true runs Python code "
+                           "shipped with the model; leave it false unless you trust that code).")
+    return value
+
+
 def load_tokenizer(cfg: Any, init: str, pad_with_unk: bool):
     """The tokenizer named by `tokenizer` (or `path`); None is allowed only for init=meta (parameter counting)."""
     from transformers import AutoTokenizer
@@ -37,7 +46,7 @@ def load_tokenizer(cfg: Any, init: str, pad_with_unk: bool):
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            str(source), trust_remote_code=bool(node_get(cfg, "trust_remote_code", False))
+            str(source), trust_remote_code=remote_code_flag(cfg)
         )
     except (OSError, ValueError) as err:
         if init == "meta":  # offline counting of a hub model must not need its tokenizer
@@ -60,7 +69,7 @@ def load_causal_lm(cfg: Any, init: str, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     attn = str(node_get(cfg, "attn_implementation", "sdpa"))
-    remote = bool(node_get(cfg, "trust_remote_code", False))
+    remote = remote_code_flag(cfg)
     if init == "pretrained":
         path = node_get(cfg, "path")
         if not path:

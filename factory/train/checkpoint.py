@@ -111,12 +111,25 @@ def load_engine_state(engine, ckpt_dir: Path, rank: int) -> None:
             f"{ckpt_dir} holds no resume state ({engine_dir}/{ENGINE_TAG} is missing), so the stage cannot continue "
             "mid-way. Checkpoints written with trainer.save_every=N carry it; start a new run_dir, or resume=false."
         )
+    from factory.safe_load import load_torch_file
+    from factory.train.safe_checkpoint_engine import SafeTorchCheckpointEngine
+
+    if not isinstance(getattr(engine, "checkpoint_engine", None), SafeTorchCheckpointEngine):
+        # another engine (a `checkpoint.writer` / datastates DeepSpeed config) would read the files with full pickle
+        raise FactoryError(
+            f"Cannot resume from {engine_dir}: the DeepSpeed config selects the checkpoint engine "
+            f"{type(getattr(engine, 'checkpoint_engine', None)).__name__}, which loads files with full pickle (a "
+            "crafted file could run code). Remove the `checkpoint` writer / `datastates` section from the deepspeed "
+            "config to resume."
+        )
+    rng_file = engine_dir / f"rng_rank{rank}.pt"
+    # read (and vet) this rank's RNG file before DeepSpeed touches the engine
+    rng_state = load_torch_file(rng_file) if rng_file.is_file() else None
     load_path, _ = engine.load_checkpoint(str(engine_dir), tag=ENGINE_TAG, load_module_strict=False)
     if load_path is None:
         raise FactoryError(f"DeepSpeed could not read the resume state in {engine_dir}. Start a new run_dir.")
-    rng_file = engine_dir / f"rng_rank{rank}.pt"
-    if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=True))
+    if rng_state is not None:
+        _set_rng_state(rng_state)
 
 
 # ----------------------------------------------------------------------------------------------------------- read
@@ -188,10 +201,14 @@ def restore_trained_weights(model, path: Path, cfg: DictConfig, meta: Dict[str, 
     load_trainable_into(model, path)
 
 
-def load_checkpoint(path, device: str = "cpu", dtype: Optional[Any] = None):
+def load_checkpoint(path, device: str = "cpu", dtype: Optional[Any] = None, trust_remote_code: bool = False):
     """Rebuild a LlavaModel from a checkpoint folder alone: config.yaml → build_model (frozen weights from the
-    recorded paths) → apply_tuning as recorded → trained weights from trainable.safetensors."""
+    recorded paths) → apply_tuning as recorded → trained weights from trainable.safetensors.
+
+    A config.yaml that sets `trust_remote_code` is refused unless the caller passes trust_remote_code=True (eval.py
+    and chat.py: `trust_remote_code=true` on the command line): a checkpoint must not switch on code execution."""
     from factory.model.build import build_model
+    from factory.safe_load import check_remote_code
 
     path = Path(str(path)).expanduser()
     meta = read_meta(path)
@@ -199,6 +216,7 @@ def load_checkpoint(path, device: str = "cpu", dtype: Optional[Any] = None):
         cfg = OmegaConf.load(path / CONFIG_FILE)
     except Exception as err:
         raise FactoryError(f"{path / CONFIG_FILE} is not a readable YAML config ({err}).") from None
+    check_remote_code(cfg, path / CONFIG_FILE, allowed=bool(trust_remote_code))
     recorded_init = cfg.get("init", "pretrained")
     # Frozen weights are never saved: they must come from somewhere reproducible. `random` frozen weights are
     # reproducible from the recorded seed (the run built them under that seed, like we do here).

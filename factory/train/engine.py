@@ -73,4 +73,8 @@ def create_engine(model: torch.nn.Module, hparams: Any, ds_config: Dict[str, Any
     scheduler = cosine_with_warmup(optimizer, total_steps, float(hparams.get("warmup_ratio", 0.0)))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, dist_init_required=False)
+    # Resume state is read with weights_only loads (a crafted file in a run folder must not run code).
+    from factory.train.safe_checkpoint_engine import install_safe_checkpoint_engine
+
+    install_safe_checkpoint_engine(engine)
     return engine, scheduler

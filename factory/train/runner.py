@@ -163,7 +163,11 @@ def _evaluate(cfg: DictConfig, dist, model, last_checkpoint: Optional[Path], las
         from factory.eval.microworld import evaluate_microworld, format_table
 
         if model is None or _is_zero3(cfg):  # ZeRO-3 left the in-memory weights partitioned
-            model = ckpt.load_checkpoint(last_checkpoint, device=str(dist.device))
+            from factory.safe_load import remote_code_requests
+
+            # this run's own checkpoint: remote code is allowed exactly when the run's config allowed it
+            model = ckpt.load_checkpoint(last_checkpoint, device=str(dist.device),
+                                         trust_remote_code=bool(remote_code_requests(cfg)))
         model.eval()
         result = evaluate_microworld(model, cfg.data.eval.json, cfg.data.eval.image_folder,
                                      **_eval_kwargs(eval_cfg))
