@@ -52,6 +52,8 @@ def collate(batch: List[Optional[Dict]], pad_token_id: int, padding_side: str = 
         "attention_mask": attention_mask,
         "pixel_values": torch.stack(images) if images else None,
         "ids": [item.get("id") for item in items],
+        # samples a dataset skipped as bad to produce these items (LlavaJsonDataset, data.on_bad_sample=skip)
+        "bad_samples": [bad for item in items for bad in item.get("bad_samples") or ()],
     }
 
 

@@ -4,7 +4,16 @@ Entries look like ``{"id": ..., "image": "rel/path.png" (optional), "conversatio
 "value": "<image>\\nq"}, {"from": "gpt", "value": "a"}, ...]}``. The file is either one JSON list or JSONL (one
 object per line). Everything that can be checked without tokenizing is checked when the dataset is built, so a bad
 file fails at once with its file + line / entry + id instead of hours into training; image files are only checked
-for existence there (one os.path call each) and decoded lazily, where a corrupt one raises a FactoryError naming it.
+for existence and for lying inside `image_folder` there (a few os.path calls each) and decoded lazily, through
+factory.data.images.open_image (16-bit images scaled, decompression bombs and extreme aspect ratios refused).
+
+Bad samples met mid-run (an unreadable image, text the tokenizer cannot encode such as a lone surrogate) follow
+`on_bad_sample`: "error" raises one FactoryError naming file, entry and id; "skip" logs the same message as a warning
+and substitutes the next good sample, exactly like the max_length skip below. An item lists the bad samples
+skipped to produce it (`bad_samples`, present only when there were some; collate carries them), so the training loop counts them across DataLoader
+workers and ranks. Each process (or DataLoader worker) stops the run once more than `max_bad_fraction` of the samples
+it has seen are bad (`too_many_bad`), so data that is broken throughout fails in seconds instead of logging a
+warning per sample for hours.
 
 Tokenization is lazy (per __getitem__), which keeps start-up instant on 665k-sample files. A sample whose image
 span would be cut by `max_length` is **skipped by substitution**: `__getitem__` logs one warning for it, counts it
@@ -22,13 +31,49 @@ from typing import Callable, Dict, List, Optional, Union
 
 import torch
 
-from factory.data.templates import Template, conversation_problem, get_template
+from factory.data.images import DEFAULT_MAX_ASPECT_RATIO, open_image, resolve_in_folder
+from factory.data.templates import Template, conversation_problem, encode_conversation, get_template
 from factory.errors import FactoryError
 
 logger = logging.getLogger(__name__)
 
 # Rough characters per token of English BPE/SentencePiece text; only used for length-grouping estimates.
 _CHARS_PER_TOKEN = 4
+ON_BAD_SAMPLE = ("error", "skip")
+
+
+class BadSampleError(FactoryError):
+    """One sample that cannot be used (its message names file, entry and id); `on_bad_sample` decides its fate."""
+
+
+# The bad fraction is judged once this many samples have been seen: two corrupt files among a run's first few
+# samples say nothing about the other 665k.
+MIN_SEEN_FOR_FRACTION = 100
+
+
+def too_many_bad(bad: int, seen: int, max_fraction: float) -> bool:
+    """More than `max_fraction` of the `seen` samples are bad (judged from MIN_SEEN_FOR_FRACTION samples on)."""
+    return seen >= MIN_SEEN_FOR_FRACTION and bad > max_fraction * seen
+
+
+def too_many_bad_message(bad: int, seen: int, max_fraction: float, where: str) -> str:
+    return (f"{bad} of the {seen} samples seen so far in {where} were bad (skipped, see the warnings above), more "
+            f"than data.max_bad_fraction={max_fraction:g}: the data has a systematic problem rather than a few "
+            f"corrupt files. Run once with data.verify_images=true to list every bad sample, fix or remove them, "
+            f"or raise data.max_bad_fraction.")
+
+
+def text_problem(conversations) -> Optional[str]:
+    """Why the conversation's text cannot be tokenized as Unicode text, or None (lone UTF-16 surrogates, which
+    JSON's \\ud83d escapes produce when an emoji was cut in half, make tokenizers fail with unrelated errors)."""
+    for number, turn in enumerate(conversations, start=1):
+        try:
+            turn["value"].encode("utf-8")
+        except UnicodeEncodeError as err:
+            return (f"turn {number} ({turn['from']}) holds {err.object[err.start]!r} at character {err.start}, a "
+                    f"lone UTF-16 surrogate that is not valid Unicode text (often an emoji cut in half by the tool "
+                    f"that wrote the file); fix or remove the text")
+    return None
 
 
 def read_entries(json_path: str) -> List[tuple]:
@@ -36,8 +81,7 @@ def read_entries(json_path: str) -> List[tuple]:
     if not os.path.isfile(json_path):
         raise FactoryError(f"The data file {json_path} does not exist. Check the data config's `json` path "
                            f"(relative paths are resolved from the current directory).")
-    with open(json_path, "r", encoding="utf-8-sig") as handle:
-        text = handle.read()
+    text = read_utf8(json_path)
     if text.lstrip().startswith("["):  # one JSON list
         try:
             data = json.loads(text)
@@ -61,6 +105,34 @@ def read_entries(json_path: str) -> List[tuple]:
     return entries
 
 
+def read_utf8(path: str) -> str:
+    """The file's text; a file that is not UTF-8 is a FactoryError naming the line and column of the first bad byte
+    (not a UnicodeDecodeError with a byte offset only)."""
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line_start = raw.rfind(b"\n", 0, err.start) + 1
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise FactoryError(
+            f"{path} is not UTF-8 text: byte 0x{raw[err.start]:02x} at line {line}, column {err.start - line_start + 1} "
+            f"(byte offset {err.start}) cannot be decoded ({err.reason}). LLaVA data files must be UTF-8; convert "
+            f"it, e.g. `iconv -f latin1 -t utf-8 IN > OUT` if it was written as Latin-1."
+        ) from None
+
+
+def data_options(data_cfg) -> Dict:
+    """LlavaJsonDataset's bad-data options from the data config (`data.*`), with the run defaults: a long run skips
+    the odd bad sample rather than dying on it (see docs/safety.md)."""
+    get = data_cfg.get if data_cfg is not None else (lambda key, default=None: default)
+    ratio = get("max_aspect_ratio", DEFAULT_MAX_ASPECT_RATIO)
+    return {"on_bad_sample": str(get("on_bad_sample", "skip")),
+            "max_bad_fraction": float(get("max_bad_fraction", 0.01)),
+            "max_aspect_ratio": None if ratio is None else float(ratio),
+            "allow_outside_paths": bool(get("allow_outside_paths", False))}
+
+
 def entry_problem(entry) -> Optional[str]:
     """Why `entry` is not a valid LLaVA sample, or None."""
     if not isinstance(entry, dict):
@@ -80,17 +152,30 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
 
     def __init__(self, json_path: str, image_folder: Optional[str], tokenizer,
                  template: Union[str, Template], image_transform: Optional[Callable],
-                 num_image_tokens: int, max_length: Optional[int] = None):
+                 num_image_tokens: int, max_length: Optional[int] = None, on_bad_sample: str = "error",
+                 max_bad_fraction: float = 0.01, max_aspect_ratio: Optional[float] = DEFAULT_MAX_ASPECT_RATIO,
+                 allow_outside_paths: bool = False, image_first: bool = True):
+        if on_bad_sample not in ON_BAD_SAMPLE:
+            raise FactoryError(f"data.on_bad_sample = {on_bad_sample!r} is not one of {ON_BAD_SAMPLE} (error = stop "
+                               f"at the first bad sample, skip = log it, substitute the next good one, go on).")
+        self.on_bad_sample = on_bad_sample
+        self.max_bad_fraction = float(max_bad_fraction)
+        self.max_aspect_ratio = max_aspect_ratio
+        self.allow_outside_paths = bool(allow_outside_paths)
         self.json_path = str(json_path)
         self.image_folder = None if image_folder is None else str(image_folder)
         self.tokenizer = tokenizer
         self.template = get_template(template) if isinstance(template, str) else template
+        self.image_first = bool(image_first)  # LLaVA's rule: <image> moved to the front of its turn
         self.image_transform = image_transform
         self.num_image_tokens = int(num_image_tokens)
         self.max_length = max_length
         self.entries: List[Dict] = []
         self._where: List[str] = []
         self._skipped: set = set()
+        self._bad: Dict[int, str] = {}  # index → message of the samples found bad (here or by verify)
+        self._seen = 0                   # samples tried by __getitem__ in this process (bad ones included)
+        self._bad_seen = 0               # of which bad (each meeting counts, as in the loop's totals)
 
         for where, entry in read_entries(self.json_path):
             problem = entry_problem(entry)
@@ -142,7 +227,11 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
         if self.image_transform is None:
             raise FactoryError(f"{self.json_path} has image samples but no image transform was given (the vision "
                                f"encoder's `image_transform`).")
-        missing = [i for i, has in enumerate(self.has_image) if has and not os.path.isfile(self.image_path(i))]
+        image_indices = [i for i, has in enumerate(self.has_image) if has]
+        for i in image_indices:  # refuses absolute paths, '..' and symlinks out of image_folder (unless allowed)
+            resolve_in_folder(self.image_folder, self.entries[i]["image"], self.allow_outside_paths,
+                              f" of sample id {self.entries[i]['id']!r} ({self._where[i]})")
+        missing = [i for i in image_indices if not os.path.isfile(self.image_path(i))]
         if missing:
             first = missing[0]
             raise FactoryError(
@@ -162,42 +251,99 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
         """Samples skipped (in this process) because max_length would cut their image span."""
         return len(self._skipped)
 
-    def load_image(self, index: int) -> torch.Tensor:
-        from PIL import Image
+    @property
+    def num_bad(self) -> int:
+        """Distinct bad samples known to this process (met by __getitem__ or marked by verify)."""
+        return len(self._bad)
 
-        path = self.image_path(index)
+    def describe(self, index: int) -> str:
+        """'sample id 'x' (file, entry 3)': how every message names a sample."""
+        return f"sample id {self.entries[index]['id']!r} ({self._where[index]})"
+
+    def mark_bad(self, index: int, message: str) -> None:
+        """Record a sample found bad up front (data.verify_images): __getitem__ skips it without decoding again."""
+        self._bad[index] = message
+
+    def open_image(self, index: int):
+        """The sample's image as 8-bit RGB PIL (decoded completely), or a FactoryError naming file and sample."""
+        context = f" of {self.describe(index)}"
+        path = resolve_in_folder(self.image_folder, self.entries[index]["image"], self.allow_outside_paths, context)
+        return open_image(path, context, max_aspect_ratio=self.max_aspect_ratio)
+
+    def load_image(self, index: int) -> torch.Tensor:
+        image = self.open_image(index)
         try:
-            with Image.open(path) as image:
-                image = image.convert("RGB")
-        except Exception as err:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError ...)
-            raise FactoryError(
-                f"Cannot read image {path} of sample id {self.entries[index]['id']!r} ({self._where[index]}): "
-                f"{type(err).__name__}: {err}. Replace the file or remove the sample."
+            return self.image_transform(image)
+        except FactoryError as err:  # e.g. the pad canvas limit: add which sample it was
+            raise FactoryError(f"{self.describe(index)}: {err}") from None
+
+    def tokenize(self, index: int):
+        """The template's EncodedSample; any failure is a BadSampleError naming file, entry and id."""
+        entry = self.entries[index]
+        problem = text_problem(entry["conversations"])
+        if problem:
+            raise BadSampleError(f"{self._where[index]} (id {entry['id']!r}): {problem}.")
+        try:
+            return encode_conversation(self.template, entry["conversations"], self.tokenizer, self.num_image_tokens,
+                                       self.max_length, image_first=self.image_first)
+        except FactoryError as err:
+            raise BadSampleError(f"{self._where[index]} (id {entry['id']!r}): {err}") from None
+        except Exception as err:  # the tokenizer's own errors say nothing about which sample broke it
+            raise BadSampleError(
+                f"{self._where[index]} (id {entry['id']!r}): the tokenizer cannot encode this entry's text "
+                f"({type(err).__name__}: {err}). Fix or remove the entry."
             ) from None
-        return self.image_transform(image)
 
     def encode(self, index: int) -> Optional[Dict]:
-        """The item at `index`, or None when max_length would cut its image span (no substitution, no counting)."""
+        """The item at `index`, or None when max_length would cut its image span (no substitution, no counting).
+        A bad sample raises BadSampleError."""
+        if index in self._bad:
+            raise BadSampleError(self._bad[index])
         entry = self.entries[index]
-        try:
-            encoded = self.template.encode(entry["conversations"], self.tokenizer, self.num_image_tokens,
-                                           self.max_length)
-        except FactoryError as err:
-            raise FactoryError(f"{self._where[index]} (id {entry['id']!r}): {err}") from None
+        encoded = self.tokenize(index)
         if encoded.truncated_image:
             return None
+        try:
+            pixel_values = self.load_image(index) if self.has_image[index] else None
+        except BadSampleError:
+            raise
+        except FactoryError as err:
+            raise BadSampleError(str(err)) from None
         return {
             "id": entry["id"],
             "input_ids": torch.tensor(encoded.input_ids, dtype=torch.long),
             "labels": torch.tensor(encoded.labels, dtype=torch.long),
-            "pixel_values": self.load_image(index) if self.has_image[index] else None,
+            "pixel_values": pixel_values,
         }
 
+    def _skip_bad(self, index: int, err: BadSampleError) -> Dict[str, str]:
+        """on_bad_sample=skip: log the sample once per process, count it, stop when too many are bad."""
+        self._bad_seen += 1
+        if index not in self._bad:
+            self._bad[index] = str(err)
+            logger.warning("Skipping a bad sample (data.on_bad_sample=skip; it is replaced by the next good sample, "
+                           "%d bad of %d seen by this process): %s", self._bad_seen, self._seen, err)
+        if too_many_bad(self._bad_seen, self._seen, self.max_bad_fraction):
+            raise FactoryError(too_many_bad_message(self._bad_seen, self._seen, self.max_bad_fraction,
+                                                    f"{self.json_path} (this process)"))
+        return {"id": str(self.entries[index]["id"]), "where": self._where[index], "reason": str(err)}
+
     def __getitem__(self, index: int) -> Dict:
+        bad: List[Dict[str, str]] = []
         for offset in range(len(self)):
             candidate = (index + offset) % len(self)
-            item = self.encode(candidate)
+            self._seen += 1
+            try:
+                item = self.encode(candidate)
+            except BadSampleError as err:
+                if self.on_bad_sample == "error":
+                    raise FactoryError(f"{err} (data.on_bad_sample=error; with data.on_bad_sample=skip the run "
+                                       f"would skip it and go on)") from None
+                bad.append(self._skip_bad(candidate, err))
+                continue
             if item is not None:
+                if bad:  # only then: a clean item keeps exactly the documented keys
+                    item["bad_samples"] = bad
                 return item
             if candidate not in self._skipped:
                 self._skipped.add(candidate)
@@ -206,6 +352,10 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
                     "it is replaced by the next sample that fits (%d skipped so far). Raise trainer.max_length to "
                     "keep it.", self.entries[candidate]["id"], self._where[candidate], self.max_length,
                     self.num_image_tokens, len(self._skipped))
+        if bad:
+            raise FactoryError(f"No sample of {self.json_path} can be used: {len(self._bad)} are bad (see the "
+                               f"warnings above) and the others are longer than max_length={self.max_length} before "
+                               f"their image ends. Fix the data, or raise trainer.max_length.")
         raise FactoryError(
             f"Every sample of {self.json_path} is longer than max_length={self.max_length} before its image ends, so "
             f"none can be trained on. Raise trainer.max_length."

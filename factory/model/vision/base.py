@@ -82,7 +82,7 @@ class VisionEncoder(nn.Module):
         """PIL image → normalised FloatTensor[3, image_size, image_size] (pad-to-square or resize first)."""
         image = image.convert("RGB")
         if self.image_aspect == "pad":
-            image = pad_to_square(image, tuple(int(round(m * 255)) for m in self.image_mean))
+            image = pad_to_square(image, pad_colour(self.image_mean))
         image = image.resize((self.image_size, self.image_size), Image.BICUBIC)
         array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
         mean = torch.tensor(self.image_mean).view(3, 1, 1)
@@ -90,12 +90,27 @@ class VisionEncoder(nn.Module):
         return (array - mean) / std
 
 
+def pad_colour(image_mean: Sequence[float]) -> Tuple[int, ...]:
+    """LLaVA's pad colour, `tuple(int(x*255) for x in image_processor.image_mean)`: truncated, not rounded
+    (CLIP: 122, 116, 104; SigLIP: 127, 127, 127)."""
+    return tuple(int(m * 255) for m in image_mean)
+
+
 def pad_to_square(image: Image.Image, fill: Tuple[int, ...]) -> Image.Image:
-    """Centre the image on a square canvas of the mean colour (LLaVA's 'pad' aspect mode)."""
+    """Centre the image on a square canvas of the mean colour, as LLaVA's `expand2square` does: the short side is
+    offset by (long - short) // 2. The canvas is refused above PIL's decompression-bomb limit (a thin strip would
+    otherwise allocate long_side² pixels; factory.data.images also refuses extreme aspect ratios up front)."""
     width, height = image.size
     if width == height:
         return image
     side = max(width, height)
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and side * side > limit:
+        raise FactoryError(
+            f"Padding a {width}×{height} image to a square (image_aspect=pad) needs a {side}×{side} canvas, above "
+            f"the decompression-bomb limit of {limit:,} pixels (PIL's Image.MAX_IMAGE_PIXELS). Downscale the image, "
+            f"or use vision.image_aspect=resize."
+        )
     canvas = Image.new("RGB", (side, side), fill)
     canvas.paste(image, ((side - width) // 2, (side - height) // 2))
     return canvas
