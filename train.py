@@ -1,7 +1,8 @@
 """Train a LLaVA-style model: `python train.py [group=option ...] [key=value ...]` (see configs/train.yaml).
 
 Works as a plain process, under `torchrun`, and under the `deepspeed` launcher. The last line on stdout is a JSON
-summary (run_dir, per-stage losses, micro-world accuracy, wall time). User errors end with one message and exit 2.
+summary (run_dir, per-stage losses, micro-world accuracy, wall time). The config is validated before any work
+(factory/config_checks.py). User errors end with one message and exit 2.
 """
 import json
 import os
@@ -32,6 +33,19 @@ def _take_local_rank_argument(argv):
     return kept
 
 
+def _use_job_folder(cfg: DictConfig) -> None:
+    """In a sweep (-m) every job trains in its own folder, <run_dir>/<job number>_<overrides> (configs/train.yaml):
+    Hydra resolves run_dir once for the whole sweep, so without this every job would write into the same folder."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        with open_dict(cfg):
+            cfg.run_dir = hydra_cfg.runtime.output_dir
+
+
 _job_started = False  # tells a config error from Hydra (before the job) apart from a crash inside the job
 
 
@@ -39,9 +53,12 @@ _job_started = False  # tells a config error from Hydra (before the job) apart f
 def main(cfg: DictConfig) -> None:
     global _job_started
     _job_started = True
+    from factory.config_checks import check_config
     from factory.train import run  # heavy imports (torch, deepspeed) only once a job really runs
 
+    _use_job_folder(cfg)
     try:
+        check_config(cfg)
         summary = run(cfg)
     except FactoryError as err:
         print(f"Error: {err}", file=sys.stderr, flush=True)

@@ -59,8 +59,9 @@ def ablations(num_layers: int) -> Dict[str, Dict[str, List[str]]]:
 
 def train(args, run_dir: Path, overrides: List[str]) -> None:
     """One train.py process; its log goes to <run_dir>.log. Raises with the log's tail when it fails."""
-    cmd = [sys.executable, str(REPO / "train.py"), f"run_dir={run_dir}", "logger=none", "eval.enabled=false",
-           f"trainer.cpu_threads={args.threads}", *overrides]
+    # overwrite=true: a run without summary.json was interrupted; train.py refuses to reuse its folder otherwise
+    cmd = [sys.executable, str(REPO / "train.py"), f"run_dir={run_dir}", "overwrite=true", "logger=none",
+           "eval.enabled=false", f"trainer.cpu_threads={args.threads}", *overrides]
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log = run_dir.with_suffix(".log")
     with open(log, "w") as fh:

@@ -16,9 +16,14 @@ class MetricsFile:
         self.path = Path(path)
 
     def write(self, record: Dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as err:  # a full disk fails at write/close, where the error carries no file name
+            if err.filename is None:
+                err.filename = str(self.path)
+            raise
 
     def read(self) -> List[Dict[str, Any]]:
         if not self.path.exists():

@@ -1,14 +1,18 @@
 """`factory.train.run(cfg)`: the whole run behind `python train.py`.
 
-distributed setup → data (the micro-world is generated on first use) → for each stage of the plan: build the
-model, load the previous stage's weights, apply the stage's tuning, train, save `<run_dir>/<stage>/` → micro-world
-evaluation → a summary dict (train.py prints it as the last stdout line).
+distributed setup → the run folder (rank 0 creates and locks it; a folder holding an earlier run is refused unless
+resume=true, whose config must match the checkpoints', or overwrite=true; see run_folder.py and resume.py) → data
+(the micro-world is generated on first use) → for each stage of the plan: build the model, load the previous stage's
+weights, apply the stage's tuning, train, save `<run_dir>/<stage>/` → micro-world evaluation → a summary dict
+(train.py prints it as the last stdout line).
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -21,7 +25,10 @@ from factory.train.distributed import barrier, broadcast_object, init_distribute
 from factory.train.engine import select_dtype
 from factory.train.loop import StageContext, train_stage
 from factory.train.metrics import MetricsFile, WandbLogger
-from factory.train.resume import ResumePoint, find_resume_point, recover_interrupted_saves
+from factory.train.resume import (ResumePoint, check_resume_config, describe_changes, find_resume_point,
+                                  recover_interrupted_saves)
+from factory.train.run_folder import (RunLock, drop_replaced, environment_fault_message, inspect_folder, move_aside,
+                                      prepare_folder, refuse_reuse, write_invocation)
 from factory.train.stages import StageSpec, plan_stages
 
 
@@ -41,23 +48,33 @@ def _run(cfg: DictConfig, dist, started: float) -> Dict[str, Any]:
     dtype = select_dtype(str(cfg.trainer.get("precision", "auto")), dist.device)
     if dist.device.type == "cpu" and cfg.trainer.get("cpu_threads"):
         torch.set_num_threads(int(cfg.trainer.cpu_threads))
-    run_dir = Path(str(cfg.run_dir)).expanduser().resolve()
+    # rank 0's folder for everyone: a default run_dir holds a timestamp, which ranks started a second apart differ on
+    run_dir = Path(broadcast_object(str(Path(str(cfg.run_dir)).expanduser().resolve())))
+    opened = open_run_folder(cfg, dist, run_dir, [s.name for s in stages])
+    try:
+        if opened.nothing_to_do:
+            print(opened.nothing_to_do, file=sys.stderr, flush=True)
+            return {"run_dir": str(run_dir), "nothing_to_do": True, "message": opened.nothing_to_do}
+        summary = _train(cfg, dist, started, run_dir, stages, dtype, opened)
+    except FactoryError:
+        raise
+    except Exception as err:  # a full or read-only disk surfaces as OSError, or inside torch/safetensors saves
+        message = environment_fault_message(err, run_dir)
+        if message is None:
+            raise
+        raise FactoryError(message) from None
+    finally:
+        if opened.lock is not None:
+            opened.lock.release()
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        drop_replaced(opened.replaced)
+    return summary
+
+
+def _train(cfg: DictConfig, dist, started: float, run_dir: Path, stages, dtype, opened: "OpenedRun") -> Dict[str, Any]:
     _prepare_data(cfg, dist)
-
     metrics = MetricsFile(run_dir / "metrics.jsonl")
-    if cfg.get("resume") and dist.is_main:
-        recover_interrupted_saves(run_dir, [s.name for s in stages])
-    barrier()
-    resume: ResumePoint = find_resume_point(cfg, run_dir, [s.name for s in stages]) if cfg.get("resume") else ResumePoint()
-    if dist.is_main:
-        if cfg.get("resume"):
-            metrics.truncate_after(resume.keeps_record)
-        elif metrics.path.exists():
-            metrics.path.unlink()  # a fresh run in an existing folder starts a fresh log
-    barrier()
-
+    resume = opened.resume
     logger = WandbLogger(cfg.get("logger"), run_dir, OmegaConf.to_container(cfg, resolve=True), enabled=dist.is_main)
     ctx = StageContext(cfg=cfg, dist=dist, run_dir=run_dir, dtype=dtype, metrics=metrics, wandb=logger)
     previous: Optional[Path] = _initial_stage1_checkpoint(cfg, stages)
@@ -72,6 +89,8 @@ def _run(cfg: DictConfig, dist, started: float) -> Dict[str, Any]:
             dataset, collate_fn = build_dataset(cfg, spec, model)
             resume_from = run_dir / spec.name if resume.stage == spec.name else None
             result = train_stage(model, spec, dataset, collate_fn, ctx, resume_from=resume_from)
+            if dist.is_main and opened.resumed_record:
+                record_resume(result.checkpoint, opened.resumed_record)
             results[spec.name] = result.summary()
             ctx.step_offset += result.steps
             previous, last_spec = result.checkpoint, spec
@@ -82,11 +101,103 @@ def _run(cfg: DictConfig, dist, started: float) -> Dict[str, Any]:
     summary = {"run_dir": str(run_dir), "stages": results,
                "microworld_accuracy": evaluation.get("accuracy"), "microworld_per_type": evaluation.get("per_type"),
                "wall_s": round(time.time() - started, 2)}
+    if opened.resumed_record:
+        summary["resumed"] = opened.resumed_record
     for name, stage in results.items():
         summary[f"{name}_final_loss"] = stage["final_loss"]
     if dist.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+@dataclass
+class OpenedRun:
+    resume: ResumePoint = field(default_factory=ResumePoint)
+    resumed_record: Optional[Dict[str, Any]] = None  # resume=true: where it continued, which safe settings changed
+    replaced: Optional[Path] = None                  # overwrite=true: where the earlier run's files wait
+    nothing_to_do: Optional[str] = None
+    lock: Optional[RunLock] = None                   # rank 0 only
+
+
+def open_run_folder(cfg: DictConfig, dist, run_dir: Path, stage_names) -> OpenedRun:
+    """Rank 0 creates and locks the folder, refuses to reuse it silently, checks a resume; the others wait for its
+    decision (an error on rank 0 is raised on every rank, so no rank is left waiting in a collective)."""
+    lock = RunLock(run_dir) if dist.is_main else None
+    outcome: Any = None
+    if dist.is_main:
+        try:
+            outcome = _decide(cfg, run_dir, list(stage_names), lock)
+        except Exception as err:
+            lock.release()
+            message = str(err) if isinstance(err, FactoryError) else environment_fault_message(err, run_dir)
+            if message is None:
+                raise
+            outcome = FactoryError(message)
+    outcome = broadcast_object(outcome)
+    if isinstance(outcome, FactoryError):
+        raise outcome
+    outcome.lock = lock
+    return outcome
+
+
+def _decide(cfg: DictConfig, run_dir: Path, stage_names, lock: RunLock) -> OpenedRun:
+    resume, overwrite = bool(cfg.get("resume")), bool(cfg.get("overwrite"))
+    if resume and overwrite:
+        raise FactoryError("resume=true and overwrite=true contradict each other: resume continues the run in "
+                           f"{run_dir}, overwrite replaces it. Pass only one of them.")
+    prepare_folder(run_dir)
+    lock.acquire()
+    contents = inspect_folder(run_dir)
+    opened = OpenedRun()
+    if resume:
+        recover_interrupted_saves(run_dir, stage_names)
+        opened.resume = point = find_resume_point(cfg, run_dir, stage_names)
+        changes = check_resume_config(cfg, run_dir, point)
+        if len(point.completed) == len(stage_names) and (run_dir / "summary.json").is_file():
+            done = ", ".join(f"{n}: {ckpt.read_meta(run_dir / n)['total_steps']} steps" for n in stage_names)
+            opened.nothing_to_do = (
+                f"resume=true: nothing to train. Every stage of {run_dir} is already finished ({done}) and its "
+                "summary.json is written. A finished stage is not extended (its cosine schedule has ended); to train "
+                "more, start a new run_dir (stage 2 can start from this stage 1 with stage=instruct "
+                f"stage.init_from={run_dir / 'pretrain'}).")
+            return opened
+        if point.completed or point.stage:
+            opened.resumed_record = {"completed": sorted(point.completed), "stage": point.stage, "step": point.step,
+                                     "changed": {k: [a, b] for k, (a, b) in changes.items()
+                                                 if k not in ("resume", "run_dir")}}
+            where = f"stage {point.stage} at step {point.step}" if point.stage else "after the finished stages"
+            print(f"resume=true: continuing {run_dir} ({where})"
+                  + (f" with changed settings that do not alter training: {describe_changes(changes)}"
+                     if opened.resumed_record["changed"] else "") + ".", file=sys.stderr, flush=True)
+        MetricsFile(run_dir / "metrics.jsonl").truncate_after(point.keeps_record)
+    elif contents.holds_run:
+        if not overwrite:
+            refuse_reuse(run_dir, contents)
+        opened.replaced = move_aside(run_dir)
+    write_invocation(run_dir, cfg, _hydra_overrides(), resumed=resume and contents.holds_run)
+    return opened
+
+
+def _hydra_overrides():
+    """The command-line overrides of this job when train.py runs it under Hydra (None when called directly)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
+    except Exception:
+        return None
+
+
+def record_resume(checkpoint: Optional[Path], record: Dict[str, Any]) -> None:
+    """Add the resume record to a checkpoint's meta.json (atomic replace), so it says how it was produced."""
+    if checkpoint is None:
+        return
+    meta_file = Path(checkpoint) / ckpt.META_FILE
+    meta = json.loads(meta_file.read_text())
+    meta.setdefault("resumes", []).append(record)
+    tmp = meta_file.with_name(meta_file.name + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, meta_file)
 
 
 def _prepare_data(cfg: DictConfig, dist) -> None:
@@ -140,13 +251,20 @@ def build_dataset(cfg: DictConfig, spec: StageSpec, model):
     from functools import partial
 
     from factory.data import LlavaJsonDataset, collate, get_template
+    from factory.data.llava_json import data_options
 
     dataset = LlavaJsonDataset(
         json_path=str(spec.data.json), image_folder=str(spec.data.get("image_folder") or ""),
         tokenizer=model.tokenizer, template=get_template(spec.template),
         image_transform=model.vision.image_transform, num_image_tokens=model.image_token_count,
         max_length=int(cfg.trainer.get("max_length", 2048)),
+        image_first=cfg.data.get("image_first", True) is not False,
+        **data_options(cfg.data),
     )
+    if cfg.data.get("verify_images"):
+        from factory.data.verify import verify_dataset
+
+        verify_dataset(dataset, Path(str(cfg.run_dir)).expanduser().resolve(), spec.name)
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
     return dataset, partial(collate, pad_token_id=pad_id, padding_side="right")
 
