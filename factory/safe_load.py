@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from pathlib import Path
 from typing import Any, Iterable, List, Sequence
 
@@ -40,26 +41,26 @@ def load_torch_file(path: Path, allowed_globals: Sequence[Any] = (), map_locatio
         with torch.serialization.safe_globals(list(allowed_globals)):
             return torch.load(str(path), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        wanted = _unsafe_globals(path)
+        wanted = _unsafe_globals(path, str(err))
         raise FactoryError(
             f"Refused to load {path}: it is not a plain tensor file{wanted} and loading it could run code, so it was "
             "not loaded. The factory writes these files only with tensors and a few known DeepSpeed records; this "
             "one was changed or placed there by something else. Delete the file (or the checkpoint folder) and "
-            "resume from another checkpoint, or start a new run_dir. "
-            f"(torch: {str(err).splitlines()[0][:200]})"
+            "resume from another checkpoint, or start a new run_dir."
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise FactoryError(f"{path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:200]}); the "
                            "file is corrupt or truncated. Resume from another checkpoint or start a new run_dir.") from None
 
 
-def _unsafe_globals(path: Path) -> str:
+def _unsafe_globals(path: Path, message: str) -> str:
+    """' (it asks for posix.system)': what the file wanted to import, from the checkpoint or torch's message."""
     import torch
 
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     except Exception:  # not a zip checkpoint (a raw pickle): the unpickler's own message names the global
-        return ""
+        names = re.findall(r"GLOBAL ([\w.]+)", message)
     return f" (it asks for {', '.join(names[:5])})" if names else ""
 
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -90,6 +92,23 @@ def test_crafted_pickle_in_resume_state_is_refused_not_executed(world, runs, tmp
     assert not marker.exists(), "the crafted file was executed"
     message = str(err.value)
     assert f"Refused to load {target}" in message and "could run code" in message and "posix.system" in message
+
+
+def test_raw_pickle_is_refused_too(tmp_path):
+    """Not only torch's zip format: a plain pickle stream (any protocol) is refused before anything runs."""
+    import pickle
+
+    from factory.safe_load import load_torch_file
+
+    marker = tmp_path / "code-ran"
+    for protocol in (2, pickle.HIGHEST_PROTOCOL):
+        path = tmp_path / f"raw{protocol}.pt"
+        path.write_bytes(pickle.dumps({"state": Payload(marker)}, protocol=protocol))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch notes a protocol above 2; irrelevant here
+            with pytest.raises(FactoryError, match=f"Refused to load {re.escape(str(path))}"):
+                load_torch_file(path)
+        assert not marker.exists()
 
 
 def test_honest_resume_is_bitwise_identical(world, runs, tmp_path):
