@@ -12,7 +12,6 @@ Every problem found is listed in one FactoryError, each naming the key, the valu
 from __future__ import annotations
 
 import difflib
-import functools
 import math
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
@@ -106,6 +105,7 @@ RULES: Dict[str, Rule] = {
     "tuner.activation": _choice("tanh", "relu", "gelu", "silu"),
     "data.seed": _number(integer=True),
     "data.generate": _boolean(),
+    "data.image_first": _boolean(),
     "data.sizes.*": _number(lo=1, integer=True),
     "data.max_bad_fraction": _number(lo=0, hi=1),
     "data.verify_images": _boolean(),
@@ -141,7 +141,6 @@ def _load_option(path: Path, seen: Tuple[Path, ...] = ()) -> Dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.merge(merged, raw))
 
 
-@functools.lru_cache(maxsize=None)
 def _group_options(config_dir: str, group: str) -> Tuple[Tuple[str, Tuple[Tuple[str, Any], ...]], ...]:
     """(option file stem, its flattened keys) for every YAML file of a group, plus the group's part of every
     experiment file (`# @package _global_`)."""

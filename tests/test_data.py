@@ -10,6 +10,7 @@ from PIL import Image
 
 from factory.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from factory.data import Collator, LlavaJsonDataset, collate, get_template
+from factory.data.templates import move_image_first
 from factory.errors import FactoryError
 from factory.testing import tiny_tokenizer
 
@@ -54,8 +55,8 @@ def write(tmp_path, entries, jsonl=False, name=None):
     return path
 
 
-def dataset(path, tok, images=None, template="phi", max_length=None):
-    return LlavaJsonDataset(path, images, tok, template, image_transform, N, max_length)
+def dataset(path, tok, images=None, template="phi", max_length=None, **options):
+    return LlavaJsonDataset(path, images, tok, template, image_transform, N, max_length, **options)
 
 
 GOOD = [
@@ -72,8 +73,8 @@ def test_items_match_the_template(tmp_path, images, tok, jsonl):
     template = get_template("phi")
     for i, raw in enumerate(GOOD):
         item = ds[i]
-        assert set(item) == {"id", "input_ids", "labels", "pixel_values"} and item["id"] == raw["id"]
-        expected = template.encode(raw["conversations"], tok, N)
+        assert set(item) - {"bad_samples"} == {"id", "input_ids", "labels", "pixel_values"} and item["id"] == raw["id"]
+        expected = template.encode(move_image_first(raw["conversations"]), tok, N)  # LLaVA's image-first rule
         assert item["input_ids"].dtype == item["labels"].dtype == torch.long
         assert item["input_ids"].tolist() == expected.input_ids and item["labels"].tolist() == expected.labels
         if "image" in raw:
@@ -83,6 +84,23 @@ def test_items_match_the_template(tmp_path, images, tok, jsonl):
             assert item["pixel_values"] is None and IMAGE_TOKEN_INDEX not in item["input_ids"].tolist()
     red = ds[0]["pixel_values"]
     assert torch.allclose(red[:, 0, 0], torch.tensor([220, 40, 40]) / 255.0)
+
+
+@pytest.mark.parametrize("image_first", [True, False])
+def test_image_first_moves_the_marker_unless_turned_off(tmp_path, images, tok, image_first):
+    """data.image_first (default true): "Where is it?\\n<image>" is trained as "<image>\\nWhere is it?" (LLaVA's
+    preprocess_multimodal); false keeps the file's placement. The entry itself is never modified."""
+    raw = entry("img-last", "  Where is it?\n<image>  ", "On the left.", image="blue.png")
+    ds = dataset(write(tmp_path, [raw]), tok, images, image_first=image_first)
+    ids = ds[0]["input_ids"].tolist()
+    template = get_template("phi")
+    moved = template.encode(turns("<image>\nWhere is it?", "On the left."), tok, N).input_ids
+    kept = template.encode(turns("  Where is it?\n<image>  ", "On the left."), tok, N).input_ids
+    assert moved != kept
+    assert ids == (moved if image_first else kept)
+    start = ids.index(IMAGE_TOKEN_INDEX)
+    assert (tok.decode([t for t in ids[:start] if t >= 0]).find("Where") < 0) == image_first
+    assert ds.entries[0]["conversations"][0]["value"] == "  Where is it?\n<image>  "
 
 
 @pytest.mark.parametrize("template", ["phi", "plain"])
@@ -185,7 +203,8 @@ def test_truncation_skips_image_cut_samples_and_truncates_text(tmp_path, images,
     long_img_start = template.encode(entries[0]["conversations"], tok, N).input_ids.index(IMAGE_TOKEN_INDEX)
     max_length = max(short_len, N + 2)
     assert long_img_start + N > max_length  # the first sample's image would be cut
-    ds = dataset(write(tmp_path, entries), tok, images, max_length=max_length)
+    # image_first=False keeps the image after the long question, where max_length cuts it
+    ds = dataset(write(tmp_path, entries), tok, images, max_length=max_length, image_first=False)
     with caplog.at_level(logging.WARNING, logger="factory.data.llava_json"):
         first = ds[0]
         again = ds[0]

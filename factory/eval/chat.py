@@ -9,6 +9,7 @@ from typing import Dict, List, Optional
 import torch
 
 from factory.constants import IMAGE_MARKER
+from factory.data.templates import image_first_text
 from factory.errors import FactoryError
 
 
@@ -35,7 +36,7 @@ class ChatSession:
 
         question = question.replace(IMAGE_MARKER, "").strip()
         if not self.turns and self.pixel_values is not None:
-            question = f"{IMAGE_MARKER}\n{question}"
+            question = image_first_text(IMAGE_MARKER + question)  # the image first, as in training (LLaVA's rule)
         conversation = self.turns + [{"from": "human", "value": question}]
         prompt = template_of(self.model).encode_prompt(conversation, self.model.tokenizer,
                                                        self.model.image_token_count)
