@@ -12,8 +12,10 @@ dummy-prefix "▁" in front of it). The reference emulates that by running the t
 """
 import json
 import re
+import types
 
 import pytest
+import torch
 
 from factory.constants import IGNORE_INDEX, IMAGE_MARKER, IMAGE_TOKEN_INDEX
 from factory.data.templates import V1Template, encode_conversation, get_template, move_image_first
@@ -271,3 +273,40 @@ def test_control_token_strings_in_text_are_plain_text(name, llama_tok, phi_tok):
     trained = [t for t in sample.labels if t != IGNORE_INDEX]
     text = tok.decode(trained)
     assert text.count(answer) == (1 if name == "plain" else 2)
+
+
+# ------------------------------------------------------------------------------- one prompt: train, eval, chat
+class PromptRecorder(torch.nn.Module):
+    """Stands in for a LlavaModel in eval and chat: records the prompt ids it is asked to continue, answers "Red"."""
+
+    def __init__(self, tok, template):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.tokenizer, self.template, self.image_token_count = tok, template, N
+        self.vision = types.SimpleNamespace(dtype=torch.float32, image_transform=lambda image: torch.zeros(3, 2, 2))
+        self.prompts = []
+
+    def generate(self, input_ids, attention_mask, pixel_values, max_new_tokens, eos_token_id):
+        self.prompts.append(input_ids[0][attention_mask[0].bool()].tolist())
+        return [self.tokenizer.encode(" Red", add_special_tokens=False) + [self.tokenizer.eos_token_id]]
+
+
+@pytest.mark.parametrize("name", ["vicuna_v1", "phi"])
+def test_training_eval_and_chat_build_the_same_prompt(name, llama_tok, phi_tok, tmp_path):
+    """One question with <image> after it in the training JSON and in the eval question file, and typed in chat:
+    eval and chat prompt with exactly the ids of the training sequence up to 'ASSISTANT:'."""
+    from PIL import Image
+
+    from factory.eval.chat import ChatSession
+    from factory.eval.generate import answer_questions
+
+    tok = llama_tok if name == "vicuna_v1" else phi_tok
+    question = "Which colour is the circle?"
+    training = encode_conversation(get_template(name), turns(f"{question}\n<image>", "Red"), tok, N).input_ids
+    model = PromptRecorder(tok, name)
+    Image.new("RGB", (4, 4)).save(tmp_path / "x.png")
+    assert answer_questions(model, [{"text": f"{question}\n<image>", "image": "x.png"}], tmp_path, 4) == ["Red"]
+    assert ChatSession(model, str(tmp_path / "x.png"), max_new_tokens=4).ask(question) == "Red"
+    eval_prompt, chat_prompt = model.prompts
+    assert eval_prompt == chat_prompt == training[:len(eval_prompt)]
+    assert training[len(eval_prompt):] == tok.encode(" Red", add_special_tokens=False) + [tok.eos_token_id]
