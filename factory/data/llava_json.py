@@ -352,10 +352,13 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
                     "it is replaced by the next sample that fits (%d skipped so far). Raise trainer.max_length to "
                     "keep it.", self.entries[candidate]["id"], self._where[candidate], self.max_length,
                     self.num_image_tokens, len(self._skipped))
-        if bad:
-            raise FactoryError(f"No sample of {self.json_path} can be used: {len(self._bad)} are bad (see the "
-                               f"warnings above) and the others are longer than max_length={self.max_length} before "
-                               f"their image ends. Fix the data, or raise trainer.max_length.")
+        if bad:  # every candidate was tried once: each is either bad or too long
+            too_long = len(self) - len(bad)
+            detail = (f"all {len(self)} are bad" if not too_long else
+                      f"{len(bad)} are bad and the other {too_long} are longer than max_length={self.max_length} "
+                      f"before their image ends")
+            raise FactoryError(f"No sample of {self.json_path} can be used: {detail} (see the warnings above). Fix "
+                               f"the data{', or raise trainer.max_length' if too_long else ''}.")
         raise FactoryError(
             f"Every sample of {self.json_path} is longer than max_length={self.max_length} before its image ends, so "
             f"none can be trained on. Raise trainer.max_length."

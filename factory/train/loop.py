@@ -46,11 +46,12 @@ class StageResult:
     losses: List[float] = field(default_factory=list)
     wall_s: float = 0.0
     checkpoint: Optional[Path] = None
+    bad_samples: int = 0  # samples skipped as bad (data.on_bad_sample=skip), all ranks, each meeting counted
 
     def summary(self) -> Dict[str, Any]:
         return {"steps": self.steps, "first_loss": self.losses[0] if self.losses else None,
                 "final_loss": self.losses[-1] if self.losses else None, "wall_s": round(self.wall_s, 2),
-                "checkpoint": str(self.checkpoint) if self.checkpoint else None}
+                "checkpoint": str(self.checkpoint) if self.checkpoint else None, "bad_samples": self.bad_samples}
 
 
 def count_label_tokens(batch: Dict[str, Any]) -> int:
@@ -64,7 +65,8 @@ def _to_device(batch: Dict[str, Any], device: torch.device, dtype: torch.dtype) 
     return out
 
 
-def stage_meta(spec: StageSpec, cfg: Any, model: Any, plan: BatchPlan, step: int, total_steps: int) -> Dict[str, Any]:
+def stage_meta(spec: StageSpec, cfg: Any, model: Any, plan: BatchPlan, step: int, total_steps: int,
+               bad_samples: int = 0) -> Dict[str, Any]:
     import factory
 
     return {
@@ -75,7 +77,7 @@ def stage_meta(spec: StageSpec, cfg: Any, model: Any, plan: BatchPlan, step: int
         "init": cfg.get("init"), "seed": int(cfg.get("seed", 0)),
         "step": step, "total_steps": total_steps, "complete": step >= total_steps,
         "steps_per_epoch": plan.steps_per_epoch, "num_samples": plan.num_samples,
-        "global_batch_size": plan.global_batch_size,
+        "global_batch_size": plan.global_batch_size, "bad_samples": bad_samples,
     }
 
 
@@ -109,7 +111,7 @@ def train_stage(model: torch.nn.Module, spec: StageSpec, dataset, collate_fn: Ca
                                  trainer.get("max_grad_norm", 1.0), ctx.dtype)
     engine, scheduler = create_engine(model, hp, ds_config, total_steps)
 
-    start_step = 0
+    start_step, result_bad = 0, 0
     if resume_from is not None:
         meta = ckpt.read_meta(resume_from)
         if (meta.get("num_samples"), meta.get("global_batch_size")) != (plan.num_samples, plan.global_batch_size):
@@ -120,6 +122,7 @@ def train_stage(model: torch.nn.Module, spec: StageSpec, dataset, collate_fn: Ca
             )
         ckpt.load_engine_state(engine, resume_from, dist.rank)
         start_step = int(meta["step"])
+        result_bad = int(meta.get("bad_samples", 0))
 
     # ---- data: this rank's micro-batches, grad_accum per optimizer step, from start_step on
     sampler = GlobalBatchSampler(plan, rank=dist.rank, seed=int(cfg.get("seed", 0)), total_steps=total_steps,
@@ -134,7 +137,7 @@ def train_stage(model: torch.nn.Module, spec: StageSpec, dataset, collate_fn: Ca
     save_every = int(trainer.get("save_every") or 0)
     keep_engine_state = bool(save_every or cfg.get("resume"))
     log_every = max(1, int(trainer.get("log_every") or 1))  # wandb; metrics.jsonl gets every step
-    result = StageResult(name=spec.name, steps=total_steps)
+    result = StageResult(name=spec.name, steps=total_steps, bad_samples=result_bad)
 
     progress = _progress_bar(dist.is_main, spec.name, total_steps, start_step)
     engine.train()
@@ -142,9 +145,11 @@ def train_stage(model: torch.nn.Module, spec: StageSpec, dataset, collate_fn: Ca
         t0 = time.time()
         micro_batches = [_next_batch(batches) for _ in range(accum)]
         counts = torch.tensor([sum(count_label_tokens(b) for b in micro_batches),
-                               sum(int(b["attention_mask"].sum()) for b in micro_batches)],
+                               sum(int(b["attention_mask"].sum()) for b in micro_batches),
+                               sum(len(b.get("bad_samples") or ()) for b in micro_batches)],
                               dtype=torch.float64, device=dist.device)
-        label_tokens, seen_tokens = all_reduce_sum(counts).tolist()
+        label_tokens, seen_tokens, bad_samples = all_reduce_sum(counts).tolist()
+        result.bad_samples += int(bad_samples)
         # DeepSpeed averages gradients over ranks; scaling by world/label_tokens makes the result the global mean
         scale = dist.world_size / max(label_tokens, 1.0)
         loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
@@ -162,7 +167,7 @@ def train_stage(model: torch.nn.Module, spec: StageSpec, dataset, collate_fn: Ca
 
         record = {"stage": spec.name, "step": step + 1, "epoch": round((step + 1) / plan.steps_per_epoch, 4),
                   "loss": loss, "lr": lr, "samples_per_s": plan.global_batch_size / elapsed,
-                  "tokens_per_s": seen_tokens / elapsed}
+                  "tokens_per_s": seen_tokens / elapsed, "bad_samples": result.bad_samples}
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
@@ -174,13 +179,13 @@ def train_stage(model: torch.nn.Module, spec: StageSpec, dataset, collate_fn: Ca
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_per_s=f"{record['samples_per_s']:.1f}")
         if save_every and (step + 1) % save_every == 0 and step + 1 < total_steps:
-            ckpt.save_stage_checkpoint(engine, cfg, stage_dir, stage_meta(spec, cfg, model, plan, step + 1, total_steps),
-                                       dist.rank, with_engine_state=True)
+            meta = stage_meta(spec, cfg, model, plan, step + 1, total_steps, result.bad_samples)
+            ckpt.save_stage_checkpoint(engine, cfg, stage_dir, meta, dist.rank, with_engine_state=True)
     progress.close()
 
     result.checkpoint = ckpt.save_stage_checkpoint(
-        engine, cfg, stage_dir, stage_meta(spec, cfg, model, plan, total_steps, total_steps), dist.rank,
-        with_engine_state=keep_engine_state)
+        engine, cfg, stage_dir, stage_meta(spec, cfg, model, plan, total_steps, total_steps, result.bad_samples),
+        dist.rank, with_engine_state=keep_engine_state)
     engine.destroy()  # drop DeepSpeed's gradient hooks: the next stage builds its own engine
     result.wall_s = time.time() - started
     return result
