@@ -8,10 +8,10 @@ string differently from text in the middle of it:
   ``tokenizer_image_token`` calls the tokenizer once per chunk between ``<image>`` markers, and its tokenizer
   (transformers 4.31, slow SentencePiece, "legacy") also restarts after every control token such as ``</s>``. A
   SentencePiece tokenizer puts its dummy-prefix space ``▁`` in front of every such start, *even when the text already
-  starts with a space* (``" Hi"`` -> ``▁ ▁Hi``). Current tokenizers (the ``tokenizers`` Metaspace pre-tokenizer) skip
-  the prefix when the text starts with a space, so for them the legacy result is the tokenization of ``" " + text``
-  (checked against the sentencepiece library on the real Llama-2 model). Byte-level BPE (GPT-2, Phi-2) has no dummy
-  prefix: a start is just the text's own tokens.
+  starts with a space* (``" Hi"`` -> ``▁ ▁Hi``). Current tokenizers (the ``tokenizers`` Metaspace pre-tokenizer)
+  skip the prefix when the text starts with a space, so for them the legacy result is the tokenization of
+  ``" " + text`` (checked against the sentencepiece library on the real Llama-2 model). Byte-level BPE (GPT-2,
+  Phi-2) has no dummy prefix: a start is just the text's own tokens.
 * ``continuation(text)`` - text that follows earlier text in the same string, with no dummy prefix (" answer" ->
   the natural ``▁answer`` / ``Ġanswer`` tokens). SentencePiece tokenizers only add the prefix at the very start, so
   the text is tokenized behind an anchor (a newline: SentencePiece has no piece that merges a newline with anything;
