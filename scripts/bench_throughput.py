@@ -69,6 +69,12 @@ def compose_config(model: str, tuner: str, size: str, overrides: list[str]):
         cfg = compose([f"tuner={tuner}", *overrides])
         OmegaConf.set_struct(cfg, False)  # tiny_config adds arch_overrides, which the YAML schema does not list
         return OmegaConf.merge(cfg, tiny_config(**family))
+    if not any(o.lstrip("+").startswith("llm.tokenizer=") for o in overrides):
+        # The batch is random token ids: the tokenizer is never used, but init=random still loads one, and the
+        # preset's hub tokenizer is not reachable offline (the GPU machine has no network). A small local one.
+        from factory.testing import tiny_tokenizer_dir
+
+        overrides = [f"llm.tokenizer={tiny_tokenizer_dir()}", *overrides]
     return compose([f"model={model}", f"tuner={tuner}", "init=random", *overrides])
 
 

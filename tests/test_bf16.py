@@ -160,3 +160,30 @@ def test_bf16_follows_the_fp32_trajectory(bf16_runs, world, tmp_path):
     gaps = [abs(a - b) for a, b in zip(result.losses, fp32.losses)]
     print("bf16 - fp32 loss gaps:", [round(g, 4) for g in gaps])
     assert max(gaps) < BF16_LOSS_GAP and fp32.losses[-1] < fp32.losses[0] - 0.45
+
+
+# ------------------------------------------------------------------------------------------------- real-size smoke
+def test_smoke_real_size_script_at_tiny_size_and_on_meta(tmp_path):
+    """scripts/smoke_real_size.py's own code: the bf16 stage-2 run + cached generation at tiny size, and the llava_7b
+    setup on meta (576 CLIP tokens, f4+l5 positions, the paper's TP*, parameter groups, connector shape)."""
+    import sys
+
+    from train_support import REPO
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import smoke_real_size
+
+    assert smoke_real_size.main(["--model", "tiny", "--meta", "llava_7b", "--seq", "60", "--steps", "2",
+                                 "--new-tokens", "3", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "smoke_real_size.json").read_text())
+    real, meta = report["real"], report["meta_llava_7b"]
+    assert real["dtype"] == "bf16" and real["seq"] >= 60 and real["image_tokens"] == 16
+    assert len(real["step_s"]) == 2 and len(real["losses"]) == 2 and len(real["generated"]) == 3
+    assert real["mores_orthonormality_error"] < 1e-5 and real["peak_rss_gib"] > 0
+    assert real["tp_star"] == 2 * (2 * 64 + 1)  # MoReS-B on 2 layers of width 64
+    assert meta["image_tokens"] == 576 and meta["llm_layers"] == 32 and meta["hidden"] == 4096
+    assert meta["tp_star"] == 262_176 and meta["connector_output"] == [2, 576, 4096]
+    assert meta["positions"] == meta["positions_expected"] and len(meta["positions"][0]) == 9
+    assert meta["seq"] > 576 and meta["deepspeed"]["gradient_accumulation_steps"] == 8
+    # a second run into the same folder is refused instead of overwriting the results
+    assert smoke_real_size.main(["--model", "", "--meta", "", "--out", str(tmp_path)]) == 2
