@@ -165,3 +165,91 @@ def test_crash_after_commit_before_cleanup_resumes(world, base, uninterrupted, k
         shutil.copytree(target / "instruct", target / ".instruct.old")
     run_checked(launch_command("python", overrides(world, target, resume=True)), child_env())
     assert_identical_to(uninterrupted, target)
+
+
+# ------------------------------------------------------------------------------------------------- honest resume
+# In-process, on the small world of train_support (no kill needed): resume=true compares the new config with the
+# checkpoints' recorded config.yaml, refuses what would change training, allows and records what would not.
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory):
+    from train_support import make_small_world
+
+    return make_small_world(tmp_path_factory.mktemp("small_world"))
+
+
+def _interrupted_run(small_world, run_dir: Path, monkeypatch) -> None:
+    """A 4-step pretrain that dies right after its step-2 checkpoint (save_every=2)."""
+    from factory.train import checkpoint as ckpt
+    from factory.train import loop, run
+    from train_support import train_cfg
+
+    real_save = ckpt.save_stage_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt  # like a Ctrl-C right after the mid-stage checkpoint
+
+    monkeypatch.setattr(loop.ckpt, "save_stage_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(train_cfg(run_dir, small_world, stage="pretrain", **{"trainer.max_steps": 4, "trainer.save_every": 2}))
+    monkeypatch.undo()
+
+
+def test_resume_refuses_changes_that_alter_training(small_world, tmp_path, monkeypatch):
+    from factory.errors import FactoryError
+    from factory.train import run
+    from train_support import train_cfg
+
+    run_dir = tmp_path / "run"
+    _interrupted_run(small_world, run_dir, monkeypatch)
+    recorded = (run_dir / "pretrain" / "config.yaml").read_text()
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    changed = {"trainer.max_steps": 4, "trainer.save_every": 2, "trainer.pretrain.lr": 0.5, "seed": 7}
+    with pytest.raises(FactoryError) as err:
+        run(train_cfg(run_dir, small_world, tuner="lora", stage="pretrain", resume=True, **changed))
+    text = str(err.value)
+    assert text.startswith(f"Cannot resume {run_dir}: the new config differs from the one its 'pretrain' checkpoint "
+                           f"was trained with ({run_dir / 'pretrain' / 'config.yaml'}) in settings that change what "
+                           "is trained:\n")
+    for line in ("  seed: 0 -> 7", "  trainer.pretrain.lr: 0.003 -> 0.5", "  tuner.name: 'full' -> 'lora'"):
+        assert line in text.splitlines(), line
+    with pytest.raises(FactoryError, match=r"trainer.max_steps: 4 -> 9\n.*cosine learning-rate schedule"):
+        run(train_cfg(run_dir, small_world, stage="pretrain", resume=True,
+                      **{"trainer.max_steps": 9, "trainer.save_every": 2}))
+    # refused means untouched: the checkpoint's provenance and the log are what the interrupted run wrote
+    assert (run_dir / "pretrain" / "config.yaml").read_text() == recorded
+    assert (run_dir / "metrics.jsonl").read_text() == metrics
+
+
+def test_resume_allows_and_records_safe_changes_then_says_when_nothing_is_left(small_world, tmp_path, monkeypatch,
+                                                                                capsys):
+    import json
+
+    from factory.train import run
+    from omegaconf import OmegaConf
+    from train_support import read_metrics, train_cfg
+
+    run_dir = tmp_path / "run"
+    _interrupted_run(small_world, run_dir, monkeypatch)
+    safe = {"trainer.max_steps": 4, "trainer.save_every": 3, "trainer.log_every": 5}
+    summary = run(train_cfg(run_dir, small_world, stage="pretrain", resume=True, **safe))
+    err = capsys.readouterr().err
+    assert (f"resume=true: continuing {run_dir} (stage pretrain at step 2) with changed settings that do not alter "
+            "training: trainer.log_every: 1 -> 5, trainer.save_every: 2 -> 3") in err
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]  # it really trained steps 3 and 4
+    record = {"completed": [], "stage": "pretrain", "step": 2,
+              "changed": {"trainer.log_every": [1, 5], "trainer.save_every": [2, 3]}}
+    meta = json.loads((run_dir / "pretrain" / "meta.json").read_text())
+    assert meta["complete"] and meta["step"] == 4 and meta["resumes"] == [record]
+    assert summary["resumed"] == record
+    # provenance: the checkpoint's config is the one the last steps ran with; the invocation is kept beside the first
+    assert OmegaConf.load(run_dir / "pretrain" / "config.yaml").trainer.save_every == 3
+    assert list((run_dir / ".hydra").glob("resume-*/config.yaml"))
+
+    finished_summary = (run_dir / "summary.json").read_text()
+    again = run(train_cfg(run_dir, small_world, stage="pretrain", resume=True, **safe))
+    assert again["nothing_to_do"] is True
+    message = capsys.readouterr().err
+    assert f"resume=true: nothing to train. Every stage of {run_dir} is already finished (pretrain: 4 steps)" in message
+    assert (run_dir / "summary.json").read_text() == finished_summary
+    assert len(read_metrics(run_dir)) == 4

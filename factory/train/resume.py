@@ -56,7 +56,8 @@ SAFE_ON_RESUME = (
     "run_dir", "resume", "overwrite", "logger", "eval",
     "trainer.save_every", "trainer.log_every", "trainer.num_workers", "trainer.cpu_threads",
     "trainer.gradient_checkpointing",
-    "data.generate", "data.on_bad_sample", "data.max_bad_fraction", "data.verify_images",
+    "data.generate", "data.on_bad_sample", "data.max_bad_fraction", "data.verify_images", "data.max_aspect_ratio",
+    "data.allow_outside_paths",
 )
 _SCHEDULE_KEYS = ("trainer.max_steps", ".epochs")
 _ABSENT = "<absent>"
@@ -104,7 +105,9 @@ def check_resume_config(cfg, run_dir: Path, point: ResumePoint) -> Dict[str, Tup
             raise FactoryError(f"Cannot resume {run_dir}: {recorded_file} is not a readable config ({err}). Start "
                                "a new run_dir.") from None
         changes = config_changes(old, new)
-        unsafe = {k: v for k, v in changes.items() if not _is_safe(k)}
+        # A key only one side has was added to (or dropped from) the factory's YAML since the checkpoint was written;
+        # a new key's default keeps the earlier behaviour, so it is allowed, and reported and recorded like a safe change.
+        unsafe = {k: v for k, v in changes.items() if not _is_safe(k) and _ABSENT not in v}
         if unsafe:
             raise FactoryError(_refusal(run_dir, name, recorded_file, unsafe))
         safe.update({k: v for k, v in changes.items() if k not in safe})
@@ -117,7 +120,7 @@ def _refusal(run_dir: Path, stage: str, recorded_file: Path, unsafe: Dict[str, T
     more = f"\n  ... and {len(unsafe) - 20} more" if len(unsafe) > 20 else ""
     hint = ""
     if any(k == _SCHEDULE_KEYS[0] or k.endswith(_SCHEDULE_KEYS[1]) for k in unsafe):
-        hint = (" trainer.max_steps and epochs fix the length of the cosine learning-rate schedule, so a resumed "
+        hint += (" trainer.max_steps and epochs fix the length of the cosine learning-rate schedule, so a resumed "
                 "stage keeps the schedule it started with; to train longer, start a new run_dir (stage 2 can reuse "
                 f"a finished stage 1 with stage=instruct stage.init_from={Path(run_dir) / 'pretrain'}).")
     return (f"Cannot resume {run_dir}: the new config differs from the one its {stage!r} checkpoint was trained "

@@ -162,13 +162,13 @@ def _decide(cfg: DictConfig, run_dir: Path, stage_names, lock: RunLock) -> Opene
                 f"stage.init_from={run_dir / 'pretrain'}).")
             return opened
         if point.completed or point.stage:
+            changes = {k: v for k, v in changes.items() if k not in ("resume", "run_dir", "overwrite")}
             opened.resumed_record = {"completed": sorted(point.completed), "stage": point.stage, "step": point.step,
-                                     "changed": {k: [a, b] for k, (a, b) in changes.items()
-                                                 if k not in ("resume", "run_dir")}}
+                                     "changed": {k: [a, b] for k, (a, b) in changes.items()}}
             where = f"stage {point.stage} at step {point.step}" if point.stage else "after the finished stages"
             print(f"resume=true: continuing {run_dir} ({where})"
                   + (f" with changed settings that do not alter training: {describe_changes(changes)}"
-                     if opened.resumed_record["changed"] else "") + ".", file=sys.stderr, flush=True)
+                     if changes else "") + ".", file=sys.stderr, flush=True)
         MetricsFile(run_dir / "metrics.jsonl").truncate_after(point.keeps_record)
     elif contents.holds_run:
         if not overwrite:
