@@ -19,9 +19,10 @@ train and evaluate with, token for token (tests/test_llava_parity.py). How each 
 Text is text: control-token strings inside the conversation (``</s>``, ``<|endoftext|>``, ``<s>``) are tokenized as
 ordinary characters; only the ``bos``/``eos`` pieces are control tokens.
 
-Image first: `move_image_first` is LLaVA's ``preprocess_multimodal`` (the ``<image>`` marker moved to the front of
-its turn, ``<image>\n`` + the rest stripped). The dataset applies it unless ``data.image_first: false``; eval and
-chat always build their prompts through it, so all three see the same prompt for the same question.
+Image first: `image_first_text` / `move_image_first` are LLaVA's ``preprocess_multimodal`` (the ``<image>`` marker
+moved to the front of its turn, ``<image>\\n`` + the rest stripped). The dataset applies it (`encode_conversation`)
+unless ``data.image_first: false``; eval and chat always build their prompts through it, so all three see the same
+prompt for the same question.
 """
 from __future__ import annotations
 
