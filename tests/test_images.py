@@ -175,13 +175,18 @@ def test_resolve_in_folder(tmp_path):
     (tmp_path / "secret.png").write_bytes(b"x")
     (folder / "link.png").symlink_to(tmp_path / "secret.png")
     (folder / "sub" / "a.png").write_bytes(b"x")
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "b.png").write_bytes(b"x")
+    (folder / "coco").symlink_to(tmp_path / "store")  # a linked sub-folder leads out as well
     assert resolve_in_folder(str(folder), "sub/a.png") == str(folder / "sub" / "a.png")
     assert resolve_in_folder(str(folder), "sub/../sub/a.png").endswith("a.png")  # stays inside: fine
     linked_folder = tmp_path / "linked"
     linked_folder.symlink_to(folder)  # an image_folder that is itself a link is fine
     assert resolve_in_folder(str(linked_folder), "sub/a.png") == str(linked_folder / "sub" / "a.png")
     for name, how in (("../secret.png", "climbs out with '..'"), (str(tmp_path / "secret.png"), "is an absolute path"),
-                      ("link.png", f"is a symlink to {tmp_path / 'secret.png'}")):
+                      ("link.png", f"leads through a symlink to {tmp_path / 'secret.png'}"),
+                      ("coco/b.png", f"leads through a symlink to {tmp_path / 'store' / 'b.png'}"),
+                      ("coco/../../secret.png", "climbs out with '..'")):
         with pytest.raises(FactoryError) as err:
             resolve_in_folder(str(folder), name, context=" of sample id 'p'")
         assert str(err.value).startswith(f"Image path {name!r} of sample id 'p' {how}, outside image_folder {folder}")
