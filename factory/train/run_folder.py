@@ -245,7 +245,8 @@ class FolderContents:
         return bool(self.finished or self.unfinished or self.metrics_lines or self.has_summary or self.other)
 
     def describe(self) -> str:
-        parts = [f"finished stage {name} ({steps} steps)" for name, steps in self.finished.items()]
+        parts = [f"finished stage {name} ({steps} step{'' if steps == 1 else 's'})"
+                 for name, steps in self.finished.items()]
         parts += [f"unfinished stage {name} ({where})" for name, where in self.unfinished.items()]
         if self.metrics_lines:
             parts.append(f"metrics.jsonl with {self.metrics_lines} lines")
