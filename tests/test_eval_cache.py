@@ -65,6 +65,15 @@ def test_other_generation_settings_start_fresh_next_to_the_kept_answers(model, s
     assert _run(model, qfile, out, max_new_tokens=5)["generated_this_run"] == 0
     assert _run(model, qfile, out)["generated_this_run"] == 0
     assert _snapshot(out)[PART_PREFIX + "0.jsonl"] == before[PART_PREFIX + "0.jsonl"]
+    # and once the first folder is gone, the second settings still find their answers
+    for path in out.iterdir():
+        path.unlink()
+    out.rmdir()
+    capsys.readouterr()
+    again = _run(model, qfile, out, max_new_tokens=5)
+    assert again["generated_this_run"] == 0 and again["output_dir"] == str(sibling)
+    assert f"note: {sibling} holds the answers of this checkpoint and these settings; resuming there." in \
+        capsys.readouterr().err
 
 
 def test_another_model_or_question_file_is_not_served_old_answers(model, setup, capsys):
@@ -167,6 +176,26 @@ def test_eval_py_keys_answers_by_checkpoint_content(setup, capsys):
     summary = json.loads(captured.out.strip().splitlines()[-1])
     assert summary["generated_this_run"] == 4 and summary["output_dir"].startswith(f"{default}-")
     assert "(checkpoint file trainable.safetensors changed)" in captured.err
+
+
+def test_an_imbalance_analysis_never_replaces_another(setup, capsys):
+    from factory.eval.cli import main
+
+    root, qfile = setup
+    ckpt = _checkpoint(root)
+    args = [f"checkpoint={ckpt}", "analysis=imbalance", f"question_file={qfile}", f"image_folder={root}",
+            "imbalance.max_new_tokens=2", "imbalance.num_samples=2"]
+    assert main(args) == 0
+    first = ckpt / "eval" / "imbalance"
+    before = _snapshot(first)
+    assert {"imbalance.json", "imbalance.png", KEY_FILE} <= set(before)
+    capsys.readouterr()
+    assert main([*args, "imbalance.num_samples=3"]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert summary["output_dir"].startswith(f"{first}-") and summary["n_samples"] == 3
+    assert "(num_samples: 2 → 3)" in captured.err
+    assert _snapshot(first) == before
 
 
 def test_output_dir_that_is_a_file_names_it(setup, capsys):

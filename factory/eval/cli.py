@@ -138,8 +138,16 @@ def run_imbalance(cfg: DictConfig, model, checkpoint: Path, image_folder: Option
     from factory.eval.imbalance import analyze, write_results
     from factory.eval.plots import plot_imbalance
 
+    from factory.eval.output_folder import checkpoint_identity, generation_settings, keyed_output_dir
+
     opts = cfg.imbalance
     label = opts.label or (train_cfg.get("tuner") or {}).get("name") or checkpoint.name
+    # an earlier analysis with other settings keeps its files: this one then goes to the keyed sibling folder
+    settings = generation_settings(model, "imbalance", Path(cfg.question_file), image_folder, int(opts.max_new_tokens),
+                                   checkpoint_identity(checkpoint),
+                                   extra={"num_samples": opts.num_samples, "text_tokens": str(opts.text_tokens),
+                                          "label": str(label), "compare": [str(p) for p in opts.compare]})
+    out_dir = keyed_output_dir(out_dir, settings)
     result = analyze(model, load_questions(Path(cfg.question_file)), image_folder, num_samples=opts.num_samples,
                      max_new_tokens=opts.max_new_tokens, text_tokens=opts.text_tokens, batch_size=opts.batch_size,
                      label=str(label))
@@ -147,7 +155,8 @@ def run_imbalance(cfg: DictConfig, model, checkpoint: Path, image_folder: Option
     result["config"] = {"eval": OmegaConf.to_container(cfg, resolve=True)}
     out_json = write_results(result, out_dir / "imbalance.json")
     png = plot_imbalance([result, *[Path(p) for p in opts.compare]], out_dir / "imbalance.png")
-    return {"analysis": "imbalance", "json": str(out_json), "png": str(png), "n_samples": result["n_samples"],
+    return {"analysis": "imbalance", "json": str(out_json), "png": str(png), "output_dir": str(out_dir),
+            "n_samples": result["n_samples"],
             "lmar": result["lmar"], "visual_share": result["visual_share"]}
 
 

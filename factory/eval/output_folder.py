@@ -7,7 +7,8 @@ and their hash. Settings that cannot change an answer (batch size, number of pro
 are left out, so resuming with another batch size or process count still reuses every answer.
 
 A folder holding answers made otherwise is never written to and never deleted: the run goes to the sibling folder
-`<output_dir>-<first 8 hex digits of the key>` (which the same settings find again next time) and says so.
+`<output_dir>-<first 8 hex digits of the key>` (which the same settings find again next time) and says so. The
+modality-imbalance analysis (`imbalance.json`) is keyed the same way, so a second analysis never replaces a first.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import hashlib
 import json
 import os
 import sys
+import uuid
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -24,7 +26,7 @@ from factory.errors import FactoryError
 KEY_FILE = "cache_key.json"
 KEY_FORMAT = 1
 # files that show a folder holds the results of an evaluation (answer parts, merged answers, scores)
-RESULT_GLOBS = ("answers.part*.jsonl", "answers.jsonl", "results.json")
+RESULT_GLOBS = ("answers.part*.jsonl", "answers.jsonl", "results.json", "imbalance.json")
 CHECKPOINT_FILES = ("config.yaml", "meta.json", "trainable.safetensors")
 
 
@@ -91,7 +93,7 @@ def ensure_writable_dir(path: Path, hint: str = "") -> Path:
     if blocker is not None and not blocker.is_dir():
         raise FactoryError(f"Cannot write the evaluation results to {path}: {blocker} is a file, not a folder. "
                            f"{hint}Pass output_dir=<a folder> (it is created if missing).")
-    probe = path / f".write-test.{os.getpid()}"
+    probe = path / f".write-test.{uuid.uuid4().hex}"
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"")
@@ -155,28 +157,32 @@ def keyed_output_dir(requested: Path, settings: Dict[str, Any], announce: bool =
     answer. Every rank of a sharded run reaches the same folder: the choice depends only on the key files."""
     requested = Path(requested)
     key = settings_key(settings)
+    sibling = requested.with_name(f"{requested.name}-{key[:8]}")
     state, record = folder_state(requested, key)
-    target = requested
-    if state == "other":
-        target = requested.with_name(f"{requested.name}-{key[:8]}")
-        alt_state, _ = folder_state(target, key)
-        if alt_state == "other":
-            raise FactoryError(f"Both {requested} and {target} hold answers made with other settings than this run's; "
-                               "nothing was written. Pass output_dir=<a new folder>.")
-        if announce:
+    sibling_state, _ = folder_state(sibling, key)
+    if state == "same" or (state == "free" and sibling_state != "same"):
+        target = requested
+    elif sibling_state == "other":
+        raise FactoryError(f"Both {requested} and {sibling} hold answers made with other settings than this run's; "
+                           "nothing was written. Pass output_dir=<a new folder>.")
+    else:  # the requested folder holds other answers (or none, while the sibling holds this key's)
+        target = sibling
+        if announce and state == "other":
             print(f"note: {requested} holds answers made {describe_difference(record, settings)}; they are kept as "
-                  f"they are. This evaluation writes to {target} instead (the same checkpoint and settings resume "
+                  f"they are. This evaluation writes to {sibling} instead (the same checkpoint and settings resume "
                   "there next time). Pass output_dir= to choose the folder.", file=sys.stderr, flush=True)
+        elif announce:
+            print(f"note: {sibling} holds the answers of this checkpoint and these settings; resuming there.",
+                  file=sys.stderr, flush=True)
     ensure_writable_dir(target)
-    if state != "same" or target != requested:
-        write_key(target, key, settings)
+    write_key(target, key, settings)
     return target
 
 
 def write_key(folder: Path, key: str, settings: Dict[str, Any]) -> None:
     if (read_key(folder) or {}).get("key") == key:
         return
-    tmp = Path(folder) / f".{KEY_FILE}.{os.getpid()}.tmp"
+    tmp = Path(folder) / f".{KEY_FILE}.{uuid.uuid4().hex}.tmp"  # unique across the ranks of a sharded run
     tmp.write_text(json.dumps({"format": KEY_FORMAT, "key": key, "settings": settings}, indent=2, sort_keys=True,
                               default=str) + "\n", encoding="utf-8")
     os.replace(tmp, Path(folder) / KEY_FILE)
