@@ -55,6 +55,13 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process (user + system, all threads): on a shared machine the wall time of a step depends on
+    the other jobs, its CPU time much less."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def current_rss_bytes() -> int:
     import psutil
 
@@ -145,9 +152,9 @@ def real_run(model_name: str, out: Path, steps: int, min_seq: int, new_tokens: i
     spec = plan_stages(cfg)[0]
     rss0 = current_rss_bytes()
 
-    started = time.perf_counter()
+    started, cpu0 = time.perf_counter(), cpu_seconds()
     model = build_stage_model(cfg, spec, None, torch.bfloat16)
-    build_s = time.perf_counter() - started
+    build_s, build_cpu = time.perf_counter() - started, cpu_seconds() - cpu0
     rss_built = current_rss_bytes()
     dataset, collate = build_dataset(cfg, spec, model)
     sample = dataset[0]
@@ -161,9 +168,9 @@ def real_run(model_name: str, out: Path, steps: int, min_seq: int, new_tokens: i
                        metrics=MetricsFile(run_dir / "metrics.jsonl"),
                        wandb=WandbLogger({"name": "none"}, run_dir, {}, enabled=False))
     run_dir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    started, cpu0 = time.perf_counter(), cpu_seconds()
     result = train_stage(model, spec, dataset, collate, ctx)
-    train_s = time.perf_counter() - started
+    train_s, train_cpu = time.perf_counter() - started, cpu_seconds() - cpu0
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
     # greedy generation with the KV cache, from the sample's prompt (everything before its first label token)
@@ -171,9 +178,9 @@ def real_run(model_name: str, out: Path, steps: int, min_seq: int, new_tokens: i
     prompt_len = int((labels != IGNORE_INDEX).nonzero()[0]) if bool((labels != IGNORE_INDEX).any()) else seq
     prompt = torch.as_tensor(sample["input_ids"][:prompt_len])[None]
     pixels = sample["pixel_values"][None].to(torch.bfloat16)
-    started = time.perf_counter()
+    started, cpu0 = time.perf_counter(), cpu_seconds()
     tokens = model.generate(prompt, torch.ones_like(prompt), pixels, max_new_tokens=new_tokens, eos_token_id=[])[0]
-    generate_s = time.perf_counter() - started
+    generate_s, generate_cpu = time.perf_counter() - started, cpu_seconds() - cpu0
 
     report = {
         "model": model_name, "dtype": "bf16", "tokenizer": tokenizer, "threads": torch.get_num_threads(),
@@ -181,10 +188,12 @@ def real_run(model_name: str, out: Path, steps: int, min_seq: int, new_tokens: i
         "params": sum(p.numel() for p in model.parameters()),
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "tp_star": sum(p.numel() for p in model.llm.parameters() if p.requires_grad),
-        "build_s": round(build_s, 1), "train_stage_s": round(train_s, 1),
+        "build_s": round(build_s, 1), "build_cpu_s": round(build_cpu, 1), "train_stage_s": round(train_s, 1),
+        "train_stage_cpu_s": round(train_cpu, 1), "load_average": [round(x, 1) for x in os.getloadavg()],
         "step_s": [round(r["samples_per_s"] and 1.0 / r["samples_per_s"], 2) for r in records],
         "losses": [round(r["loss"], 4) for r in records],
         "generated": tokens, "prompt_tokens": prompt_len, "generate_s": round(generate_s, 1),
+        "generate_cpu_s": round(generate_cpu, 1),
         "mores_orthonormality_error": orthonormality_error(model),
         "rss_before_build_gib": gib(rss0), "rss_after_build_gib": gib(rss_built),
         "peak_rss_gib": gib(peak_rss_bytes()), "checkpoint": str(result.checkpoint),
@@ -300,7 +309,8 @@ def main(argv=None) -> int:
         if args.model:
             report["real"] = real = real_run(args.model, out, args.steps, args.seq, args.new_tokens, args.tokenizer)
             print(f"[bf16] {real['model']}: {real['params'] / 1e9:.2f}B params, seq {real['seq']} "
-                  f"({real['image_tokens']} image tokens), build {real['build_s']} s, steps {real['step_s']} s, "
+                  f"({real['image_tokens']} image tokens), build {real['build_s']} s, steps {real['step_s']} s "
+                  f"(stage {real['train_stage_s']} s wall, {real['train_stage_cpu_s']} s CPU), "
                   f"losses {real['losses']}, generated {real['generated']} in {real['generate_s']} s, peak RSS {real['peak_rss_gib']} GiB, "
                   f"R orthonormal to {real['mores_orthonormality_error']:.1e}", flush=True)
     except FactoryError as err:
