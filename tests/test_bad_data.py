@@ -243,6 +243,43 @@ def test_verify_images_in_a_run_stops_before_training(world, tmp_path):
     assert (tmp_path / "run" / "data_faults_pretrain.txt").read_text().count("\n") == 1
 
 
+def test_verify_images_checks_every_stage_before_the_first_trains(world, tmp_path):
+    from factory.train import run
+
+    entries = json.loads((world / "instruct.json").read_text())
+    entries[3] = dict(entries[3], id="bad-instruct-3", image="cut.jpg")
+    (tmp_path / "instruct.json").write_text(json.dumps(entries))
+    cfg = train_cfg(tmp_path / "run", world, stage="all",
+                    **{"data.instruct.json": str(tmp_path / "instruct.json"), "data.verify_images": True,
+                       "data.on_bad_sample": "error"})
+    with pytest.raises(FactoryError) as err:
+        run(cfg)
+    message = str(err.value)
+    # the stage-2 file was scanned with stage 1's; only the file with faults is in the message
+    assert message.startswith(f"data.verify_images: 64 samples of {tmp_path / 'instruct.json'} checked in ")
+    assert "pretrain.json" not in message
+    assert "sample id 'bad-instruct-3'" in message and (tmp_path / "run" / "data_faults_instruct.txt").is_file()
+    assert not (tmp_path / "run" / "pretrain").exists()  # stage 1 never trained
+
+
+def test_verify_images_scans_each_file_once_per_run(world, tmp_path, monkeypatch):
+    from factory.data import verify
+    from factory.train import run
+
+    scanned = []
+    real_scan = verify.scan
+    monkeypatch.setattr(verify, "scan", lambda dataset, workers=None: scanned.append(dataset.json_path) or
+                        real_scan(dataset, workers, progress=False))
+    data = pretrain_with_truncated_jpeg(world, tmp_path)
+    cfg = train_cfg(tmp_path / "run", world, stage="all",
+                    **{"data.pretrain.json": str(data), "data.verify_images": True, "data.max_bad_fraction": 0.05,
+                       "trainer.max_steps": 1})
+    summary = run(cfg)
+    assert scanned == [str(data), str(world / "instruct.json")]  # both at stage 1; stage 2 reuses its result
+    assert set(summary["stages"]) == {"pretrain", "instruct"}
+    assert (tmp_path / "run" / "data_faults_pretrain.txt").read_text().count(BAD_ID) == 1
+
+
 # ------------------------------------------------------------------------------------------------- save_every
 def test_trainer_presets_save_every():
     assert OmegaConf.load(CONFIGS / "trainer" / "paper.yaml").save_every == 50

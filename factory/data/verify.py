@@ -24,7 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from factory.data.llava_json import BadSampleError, LlavaJsonDataset
 from factory.errors import FactoryError
@@ -103,36 +103,87 @@ def summary(faults: List[Fault], dataset: LlavaJsonDataset, seconds: float, repo
 
 def verify_dataset(dataset: LlavaJsonDataset, run_dir: Optional[Path], stage: str,
                    workers: Optional[int] = None) -> List[Fault]:
-    """Scan (rank 0), share the result with every rank, then raise or mark the bad samples (see the module doc)."""
+    """Scan one dataset (rank 0), share the result with every rank, then raise or mark its bad samples."""
+    return verify_datasets([(stage, dataset)], run_dir, workers)[0]
+
+
+def verify_datasets(named: Sequence[Tuple[str, LlavaJsonDataset]], run_dir: Optional[Path],
+                    workers: Optional[int] = None) -> List[List[Fault]]:
+    """`verify_dataset` for several (stage, dataset) pairs: every fault of every dataset is listed in one error."""
     from factory.train.distributed import barrier, broadcast_object
 
     import torch
 
     is_main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-    text, faults = None, []
+    results: List[Tuple[Optional[str], List[Fault]]] = []
     if is_main:
-        started = time.time()
-        faults = scan(dataset, workers)
-        report = None
-        if faults and run_dir is not None:
-            report = Path(run_dir) / f"data_faults_{stage}.txt"
-            report.parent.mkdir(parents=True, exist_ok=True)
-            report.write_text("".join(fault.line() + "\n" for fault in faults))
-        text = summary(faults, dataset, time.time() - started, report)
+        for stage, dataset in named:
+            started = time.time()
+            faults = scan(dataset, workers)
+            report = None
+            if faults and run_dir is not None:
+                report = Path(run_dir) / f"data_faults_{stage}.txt"
+                report.parent.mkdir(parents=True, exist_ok=True)
+                report.write_text("".join(fault.line() + "\n" for fault in faults))
+            results.append((summary(faults, dataset, time.time() - started, report), faults))
     barrier()
-    text, faults = broadcast_object((text, faults))
-    bad = [fault for fault in faults if fault.kind != "too_long"]
-    if bad and dataset.on_bad_sample == "error":
-        raise FactoryError(f"{text}\nFix or remove these samples, or set data.on_bad_sample=skip to train "
-                           f"without them (data.on_bad_sample=error stops at the first one).")
-    if bad and len(bad) > dataset.max_bad_fraction * len(dataset):
-        raise FactoryError(f"{text}\n{len(bad)} of the {len(dataset)} samples are bad, more than "
-                           f"data.max_bad_fraction={dataset.max_bad_fraction:g}: fix the data (or raise "
-                           f"data.max_bad_fraction).")
-    for fault in bad:
-        dataset.mark_bad(fault.index, fault.message)
-    if faults and is_main:
-        logger.warning("%s\nThe bad samples are skipped (data.on_bad_sample=skip).", text)
-    elif is_main:
-        print(text, file=sys.stderr, flush=True)
-    return faults
+    results = broadcast_object(results)
+    problems = []
+    for (_, dataset), (text, faults) in zip(named, results):
+        bad = [fault for fault in faults if fault.kind != "too_long"]
+        if bad and dataset.on_bad_sample == "error":
+            problems.append(f"{text}\nFix or remove these samples, or set data.on_bad_sample=skip to train "
+                            f"without them (data.on_bad_sample=error stops at the first one).")
+        elif bad and len(bad) > dataset.max_bad_fraction * len(dataset):
+            problems.append(f"{text}\n{len(bad)} of the {len(dataset)} samples are bad, more than "
+                            f"data.max_bad_fraction={dataset.max_bad_fraction:g}: fix the data (or raise "
+                            f"data.max_bad_fraction).")
+    if problems:
+        raise FactoryError("\n".join(problems))
+    for (_, dataset), (text, faults) in zip(named, results):
+        for fault in faults:
+            if fault.kind != "too_long":
+                dataset.mark_bad(fault.index, fault.message)
+        if faults and is_main:
+            logger.warning("%s\nThe bad samples are skipped (data.on_bad_sample=skip).", text)
+        elif is_main:
+            print(text, file=sys.stderr, flush=True)
+    return [faults for _, faults in results]
+
+
+# Per process: what a run's first stage found in the data of its later stages, so they are not scanned twice.
+_FOUND: Dict[tuple, List[Fault]] = {}
+
+
+def _identity(dataset: LlavaJsonDataset, run_dir: Path) -> tuple:
+    """What decides a dataset's faults: the file (path, size, mtime), its images and the text settings."""
+    stat = os.stat(dataset.json_path)
+    return (str(run_dir), os.path.abspath(dataset.json_path), stat.st_size, stat.st_mtime_ns, dataset.image_folder,
+            getattr(dataset.template, "name", type(dataset.template).__name__), dataset.max_length,
+            dataset.num_image_tokens, dataset.max_aspect_ratio, dataset.allow_outside_paths,
+            getattr(dataset, "image_first", True))
+
+
+def verify_run_data(cfg, spec, dataset: LlavaJsonDataset, run_dir: Path) -> None:
+    """data.verify_images in a run. The first stage that trains scans its own data *and* that of every later stage
+    of the run (same tokenizer, image tokens and transform; each stage's template), so a bad stage-2 sample stops the
+    run before stage 1 spends hours; a later stage reuses what was found and only marks its bad samples."""
+    from factory.data.llava_json import data_options
+    from factory.data.templates import get_template
+    from factory.train.stages import plan_stages
+
+    key = _identity(dataset, run_dir)
+    if key in _FOUND:
+        for fault in _FOUND[key]:
+            if fault.kind != "too_long":
+                dataset.mark_bad(fault.index, fault.message)
+        return
+    stages = plan_stages(cfg)
+    later = stages[[s.name for s in stages].index(spec.name) + 1:]
+    named = [(spec.name, dataset)] + [(s.name, LlavaJsonDataset(
+        json_path=str(s.data.json), image_folder=str(s.data.get("image_folder") or ""), tokenizer=dataset.tokenizer,
+        template=get_template(s.template), image_transform=dataset.image_transform,
+        num_image_tokens=dataset.num_image_tokens, max_length=dataset.max_length,
+        image_first=getattr(dataset, "image_first", True), **data_options(cfg.data))) for s in later]
+    for (_, checked), faults in zip(named, verify_datasets(named, run_dir)):
+        _FOUND[_identity(checked, run_dir)] = faults

@@ -262,9 +262,9 @@ def build_dataset(cfg: DictConfig, spec: StageSpec, model):
         **data_options(cfg.data),
     )
     if cfg.data.get("verify_images"):
-        from factory.data.verify import verify_dataset
+        from factory.data.verify import verify_run_data
 
-        verify_dataset(dataset, Path(str(cfg.run_dir)).expanduser().resolve(), spec.name)
+        verify_run_data(cfg, spec, dataset, Path(str(cfg.run_dir)).expanduser().resolve())
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
     return dataset, partial(collate, pad_token_id=pad_id, padding_side="right")
 
