@@ -112,7 +112,7 @@ def test_lone_surrogate_names_file_entry_and_id(tmp_path, tok):
     with pytest.raises(FactoryError) as err:
         ds[1]
     assert str(err.value).startswith(
-        f"{tmp_path / 'data.json'}, entry 1 (id 'emoji-7'): turn 2 (gpt) holds '\\ud83d' at character 9, a lone "
+        f"{tmp_path / 'data.json'}, entry 1 (id 'emoji-7'): turn 2 (gpt) holds '\\ud83d' at character 10, a lone "
         f"UTF-16 surrogate that is not valid Unicode text")
     skipping = dataset(tmp_path, entries, tok, on_bad_sample="skip")
     item = skipping[1]
@@ -182,7 +182,8 @@ def test_max_bad_fraction_stops_the_run(tmp_path, tok):
 
 def test_nothing_usable(tmp_path, tok):
     ds = dataset(tmp_path, [caption("x", text="\ud800")] * 3, tok, on_bad_sample="skip")
-    with pytest.raises(FactoryError, match=r"No sample of .*data.json can be used: all 3 are bad \(see the warnings above\). Fix the data.$"):
+    expected = r"No sample of .*data.json can be used: all 3 are bad \(see the warnings above\). Fix the data.$"
+    with pytest.raises(FactoryError, match=expected):
         ds[0]
 
 
@@ -207,7 +208,8 @@ def test_verify_lists_every_fault_at_once(world, tmp_path, tok):
     message = str(err.value)
     report = tmp_path / "run" / "data_faults_pretrain.txt"
     assert message.startswith(f"data.verify_images: 7 samples of {tmp_path / 'data.json'} checked in ")
-    assert (": 3 unreadable images, 1 text that cannot be tokenized, 1 over-length sample.\n  - [unreadable image] Cannot "
+    assert (": 3 unreadable images, 1 text that cannot be tokenized, 1 over-length sample.\n"
+            "  - [unreadable image] Cannot "
             f"read image {world / 'images' / 'cut.jpg'} of sample id 'cut-1'") in message
     for sample in ("'html-2'", "(id 'surrogate-3'): turn 2 (gpt) holds '\\ud800'", "'strip-4'", "'long-5'"):
         assert sample in message
@@ -236,7 +238,8 @@ def test_verify_images_in_a_run_stops_before_training(world, tmp_path):
     data = pretrain_with_truncated_jpeg(world, tmp_path)
     cfg = train_cfg(tmp_path / "run", world, stage="pretrain",
                     **{"data.pretrain.json": str(data), "data.verify_images": True, "data.on_bad_sample": "error"})
-    with pytest.raises(FactoryError, match=rf"(?s)checked in .* s: 1 unreadable image\.\n.*sample id '{BAD_ID}'") as err:
+    expected = rf"(?s)checked in .* s: 1 unreadable image\.\n.*sample id '{BAD_ID}'"
+    with pytest.raises(FactoryError, match=expected) as err:
         run(cfg)
     assert "64 samples" in str(err.value)
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or not read_metrics(tmp_path / "run")

@@ -10,10 +10,10 @@ factory.data.images.open_image (16-bit images scaled, decompression bombs and ex
 Bad samples met mid-run (an unreadable image, text the tokenizer cannot encode such as a lone surrogate) follow
 `on_bad_sample`: "error" raises one FactoryError naming file, entry and id; "skip" logs the same message as a warning
 and substitutes the next good sample, exactly like the max_length skip below. An item lists the bad samples
-skipped to produce it (`bad_samples`, present only when there were some; collate carries them), so the training loop counts them across DataLoader
-workers and ranks. Each process (or DataLoader worker) stops the run once more than `max_bad_fraction` of the samples
-it has seen are bad (`too_many_bad`), so data that is broken throughout fails in seconds instead of logging a
-warning per sample for hours.
+skipped to produce it (`bad_samples`, present only when there were some; collate carries them), so the training
+loop counts them across DataLoader workers and ranks. Each process (or DataLoader worker) stops the run once more
+than `max_bad_fraction` of the samples it has seen are bad (`too_many_bad`), so data that is broken throughout fails
+in seconds instead of logging a warning per sample for hours.
 
 Tokenization is lazy (per __getitem__), which keeps start-up instant on 665k-sample files. A sample whose image
 span would be cut by `max_length` is **skipped by substitution**: `__getitem__` logs one warning for it, counts it
@@ -70,7 +70,7 @@ def text_problem(conversations) -> Optional[str]:
         try:
             turn["value"].encode("utf-8")
         except UnicodeEncodeError as err:
-            return (f"turn {number} ({turn['from']}) holds {err.object[err.start]!r} at character {err.start}, a "
+            return (f"turn {number} ({turn['from']}) holds {err.object[err.start]!r} at character {err.start + 1}, a "
                     f"lone UTF-16 surrogate that is not valid Unicode text (often an emoji cut in half by the tool "
                     f"that wrote the file); fix or remove the text")
     return None
@@ -115,8 +115,9 @@ def read_utf8(path: str) -> str:
     except UnicodeDecodeError as err:
         line_start = raw.rfind(b"\n", 0, err.start) + 1
         line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - line_start + 1
         raise FactoryError(
-            f"{path} is not UTF-8 text: byte 0x{raw[err.start]:02x} at line {line}, column {err.start - line_start + 1} "
+            f"{path} is not UTF-8 text: byte 0x{raw[err.start]:02x} at line {line}, column {column} "
             f"(byte offset {err.start}) cannot be decoded ({err.reason}). LLaVA data files must be UTF-8; convert "
             f"it, e.g. `iconv -f latin1 -t utf-8 IN > OUT` if it was written as Latin-1."
         ) from None
