@@ -10,7 +10,7 @@
 #
 # Sections (each under its own time limit, all under one overall deadline, a failing one does not stop the rest):
 #   env       wheels installed into /tmp/site (skipped when the packages import), nvidia-smi, versions
-#   pytest    pytest -m gpu (tests/test_gpu.py and any other gpu-marked test)
+#   pytest    pytest -m gpu tests/test_gpu.py
 #   bench3b   scripts/bench_throughput.py llava_3b batch 8 seq 800: frozen, mores, lora, full + HF baselines
 #   train     20 steps of `train.py model=llava_3b init=random tuner=mores` (ZeRO-2, bf16) on synthetic LLaVA data
 #   bench13b  llava_13b MoReS micro-batch 4 seq 2048 (peak memory: fits 80 GB or not), then the same with
@@ -120,7 +120,8 @@ fi
 
 # ---------------------------------------------------------------------------------------------------- pytest -m gpu
 if wants pytest; then
-  run pytest_gpu 150 $PY -m pytest -m gpu -q -rs -p no:cacheprovider tests/ --junitxml="$RES/pytest_gpu.xml"
+  # only the file that holds the gpu tests: one test module failing to import elsewhere must not stop collection
+  run pytest_gpu 150 $PY -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_gpu.py --junitxml="$RES/pytest_gpu.xml"
 fi
 
 # ---------------------------------------------------------------------------------------------------- llava_3b bench
