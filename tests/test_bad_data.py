@@ -103,6 +103,14 @@ def test_run_defaults_skip_but_the_dataset_class_is_strict(tmp_path, tok):
     assert dataset(tmp_path, [caption("a")], tok).on_bad_sample == "error"
     with pytest.raises(FactoryError, match=r"data.on_bad_sample = 'drop' is not one of \('error', 'skip'\)"):
         dataset(tmp_path, [caption("a")], tok, on_bad_sample="drop")
+    for key, value, message in (
+            ("max_bad_fraction", 2, "`data.max_bad_fraction` must be a number in [0, 1], got 2; the default is 0.01."),
+            ("max_aspect_ratio", "wide", "`data.max_aspect_ratio` must be a number in [1, inf] or null, got 'wide'"),
+            ("allow_outside_paths", "false", "`data.allow_outside_paths` must be true or false, got 'false'.")):
+        with pytest.raises(FactoryError) as err:
+            data_options(OmegaConf.create({key: value}))
+        assert str(err.value).startswith(message)
+    assert data_options(OmegaConf.create({"max_aspect_ratio": None}))["max_aspect_ratio"] is None
 
 
 # ------------------------------------------------------------------------------------------------------- text

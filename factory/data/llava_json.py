@@ -127,11 +127,23 @@ def data_options(data_cfg) -> Dict:
     """LlavaJsonDataset's bad-data options from the data config (`data.*`), with the run defaults: a long run skips
     the odd bad sample rather than dying on it (see docs/safety.md)."""
     get = data_cfg.get if data_cfg is not None else (lambda key, default=None: default)
-    ratio = get("max_aspect_ratio", DEFAULT_MAX_ASPECT_RATIO)
+
+    def number(key: str, default: float, low: float, high: float, nullable: bool = False) -> Optional[float]:
+        value = get(key, default)
+        if value is None and nullable:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise FactoryError(f"`data.{key}` must be a number in [{low:g}, {high:g}]{' or null' if nullable else ''}, "
+                               f"got {value!r}; the default is {default}.")
+        return float(value)
+
+    allow = get("allow_outside_paths", False)
+    if not isinstance(allow, bool):  # a YAML string "false" would read as true
+        raise FactoryError(f"`data.allow_outside_paths` must be true or false, got {allow!r}.")
     return {"on_bad_sample": str(get("on_bad_sample", "skip")),
-            "max_bad_fraction": float(get("max_bad_fraction", 0.01)),
-            "max_aspect_ratio": None if ratio is None else float(ratio),
-            "allow_outside_paths": bool(get("allow_outside_paths", False))}
+            "max_bad_fraction": number("max_bad_fraction", 0.01, 0.0, 1.0),
+            "max_aspect_ratio": number("max_aspect_ratio", DEFAULT_MAX_ASPECT_RATIO, 1.0, float("inf"), True),
+            "allow_outside_paths": allow}
 
 
 def entry_problem(entry) -> Optional[str]:
