@@ -63,12 +63,15 @@ def test_readme_sweep_gives_every_job_its_own_folder(tmp_path):
         assert [r["stage"] for r in read_metrics(folder)] == ["pretrain", "instruct"]
         assert "tuner=" + tuner in (folder / ".hydra" / "overrides.yaml").read_text()
 
+    sweep_record = (sweep_dir / "multirun.yaml").read_text()
     again = train_py(["-m", "tuner=mores,lora,ia3", *overrides, f"run_dir={sweep_dir}", "resume=true"], cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     resumed = [json.loads(line) for line in again.stdout.splitlines() if line.startswith("{")]
     assert [Path(s["run_dir"]) for s in resumed] == folders
     assert all(s["nothing_to_do"] for s in resumed)
     assert again.stderr.count("resume=true: nothing to train.") == 3
+    # Hydra rewrites multirun.yaml for the new sweep; the first sweep's copy is kept beside it
+    assert [p.read_text() for p in sweep_dir.glob("multirun.*.yaml")] == [sweep_record]
 
 
 # ------------------------------------------------------------------------------------------------ reuse, overwrite
@@ -235,3 +238,20 @@ def test_full_disk_during_a_checkpoint_save_keeps_the_last_one(world, tmp_path, 
     summary = run(small_cfg(run_dir, world, resume=True, **overrides))
     assert summary["stages"]["pretrain"]["steps"] == 4
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
+
+
+def test_two_processes_refuse_a_used_folder_together(tmp_path):
+    """torchrun, 2 ranks: rank 0 inspects and locks the folder, rank 1 waits for its decision; a refusal ends both
+    ranks with the message (exit 2), none is left waiting in a collective."""
+    from dist_helpers import launch_command
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"stage": "pretrain", "step": 1, "loss": 1.0}\n')
+    overrides = tiny_overrides(run_dir, tmp_path / "world", stage="pretrain", max_steps=1)
+    proc = subprocess.run(launch_command("torchrun", overrides, nproc=2), env=child_env(), cwd=str(REPO),
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    assert proc.stderr.count(f"Error: run_dir {run_dir} already holds an earlier run: metrics.jsonl with 1 lines") == 2
+    assert (run_dir / "metrics.jsonl").read_text().count("\n") == 1 and not (run_dir / run_folder.LOCK_FILE).exists()
+    assert not (tmp_path / "world").exists()  # refused before any work: the micro-world was not generated

@@ -384,6 +384,13 @@ class PrepareRunFolder(_HydraCallback):
         except Exception:  # an unparsable override fails Hydra itself with its own message
             _SWEPT_KEYS = None
         self._prepare(config.hydra.sweep.dir)
+        # Hydra's sweeper writes multirun.yaml unconditionally: keep an earlier sweep's copy (a resumed sweep)
+        earlier = Path(str(config.hydra.sweep.dir)) / "multirun.yaml"
+        if earlier.is_file():
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(earlier.stat().st_mtime))
+            kept = earlier.with_name(f"multirun.{stamp}.yaml")
+            if not kept.exists():
+                shutil.copy2(earlier, kept)
 
     @staticmethod
     def _prepare(path) -> None:

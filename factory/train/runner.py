@@ -124,16 +124,19 @@ def open_run_folder(cfg: DictConfig, dist, run_dir: Path, stage_names) -> Opened
     decision (an error on rank 0 is raised on every rank, so no rank is left waiting in a collective)."""
     lock = RunLock(run_dir) if dist.is_main else None
     outcome: Any = None
+    unexpected: Optional[BaseException] = None
     if dist.is_main:
         try:
             outcome = _decide(cfg, run_dir, list(stage_names), lock)
         except Exception as err:
             lock.release()
             message = str(err) if isinstance(err, FactoryError) else environment_fault_message(err, run_dir)
-            if message is None:
-                raise
+            if message is None:  # a bug, not a user error: the other ranks stop too, rank 0 shows the trace
+                unexpected, message = err, f"rank 0 failed while preparing {run_dir}: {type(err).__name__}: {err}"
             outcome = FactoryError(message)
     outcome = broadcast_object(outcome)
+    if unexpected is not None:
+        raise unexpected
     if isinstance(outcome, FactoryError):
         raise outcome
     outcome.lock = lock
