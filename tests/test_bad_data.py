@@ -128,6 +128,18 @@ def test_lone_surrogate_names_file_entry_and_id(tmp_path, tok):
     assert skipping.num_bad == 1 and "bad_samples" not in skipping[0]
 
 
+def test_skipped_samples_reach_the_batch_from_dataloader_workers(tmp_path, tok):
+    from factory.data import Collator
+
+    entries = [caption(f"s{i}", text="x \udc80" if i in (2, 5) else "A red circle.") for i in range(8)]
+    ds = dataset(tmp_path, entries, tok, on_bad_sample="skip")
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, collate_fn=Collator(0))
+    batches = list(loader)
+    assert [b["ids"] for b in batches] == [["s0", "s1", "s3", "s3"], ["s4", "s6", "s6", "s7"]]  # full batches
+    assert [[bad["id"] for bad in b["bad_samples"]] for b in batches] == [["s2"], ["s5"]]
+    assert batches[1]["bad_samples"][0]["where"] == f"{tmp_path / 'data.json'}, entry 5"
+
+
 def test_tokenizer_failures_name_the_sample(tmp_path, tok):
     class Broken:
         def __getattr__(self, name):
