@@ -198,7 +198,7 @@ class PeakMemory:
     """Peak memory of one variant: CUDA allocator peak, or on CPU the sampled peak RSS growth of this process."""
 
     def __init__(self, device: str):
-        self.device, self.peak, self._stop = device, 0, threading.Event()
+        self.device, self.peak, self.reserved, self._stop = device, 0, 0, threading.Event()
 
     def __enter__(self):
         if self.device == "cuda":
@@ -219,6 +219,8 @@ class PeakMemory:
     def __exit__(self, *exc):
         if self.device == "cuda":
             self.peak = torch.cuda.max_memory_allocated()
+            # what the caching allocator held at its peak: what a GPU of a given size must really have
+            self.reserved = torch.cuda.max_memory_reserved()
         else:
             self._stop.set()
             self._thread.join()
@@ -289,7 +291,7 @@ def bench_variant(args, side: str, tuner: str, dims: dict, dtype, peak) -> dict:
     del model, batch
     return {"side": side, "tuner": tuner, "trainable_params": trainable, "step_s": seconds,
             "samples_per_s": args.batch / seconds, "tokens_per_s": args.batch * args.seq / seconds,
-            "peak_mem_gib": mem.gib, "tflops_per_step": flops / 1e12,
+            "peak_mem_gib": mem.gib, "peak_reserved_gib": mem.reserved / 2**30, "tflops_per_step": flops / 1e12,
             "mfu": flops / seconds / peak if peak else None}
 
 

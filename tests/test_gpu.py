@@ -231,8 +231,9 @@ def test_synthetic_llava_generator(tmp_path):
 
 
 def test_gpu_check_script_on_cpu_at_tiny_size(tmp_path):
-    """scripts/gpu_check.sh parses, rejects bad arguments, and its train.py section runs as written (tiny model,
-    CPU, bf16): synthetic data → 1 stage-1 step + 3 stage-2 steps → samples/s in train_3b.json and summary.md."""
+    """scripts/gpu_check.sh parses, rejects bad arguments, and its train and bench13b sections run as written (tiny
+    model, CPU): synthetic data → 1 stage-1 step + 3 stage-2 steps in bf16 → samples/s in train_3b.json; the 13B
+    memory bench → its "fits in 80 GB" line; summary.md."""
     import os
     import subprocess
 
@@ -247,15 +248,17 @@ def test_gpu_check_script_on_cpu_at_tiny_size(tmp_path):
         result = subprocess.run(["bash", script, *bad], capture_output=True, text=True, env=env)
         assert result.returncode == 2 and "gpu_check.sh:" in result.stderr
     out = tmp_path / "results"
-    result = subprocess.run(["bash", script, "--tiny", "--only", "train", str(out)], capture_output=True, text=True,
-                            env=env, timeout=240)
+    result = subprocess.run(["bash", script, "--tiny", "--only", "train,bench13b", str(out)], capture_output=True,
+                            text=True, env=env, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     train = json.loads((out / "train_3b.json").read_text())
     assert train["instruct_steps"] == 3 and train["samples_per_s_mean"] > 0, train
     records = [json.loads(line) for line in (out / "train_3b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in records] == ["pretrain"] + ["instruct"] * 3
-    assert (out / "status.txt").read_text().split()[:2] == ["train_3b", "ok"]
-    assert "samples_per_s_mean" in (out / "summary.md").read_text()
+    status = [line.split()[:2] for line in (out / "status.txt").read_text().splitlines()]
+    assert status == [["train_3b", "ok"], ["bench_13b", "ok"], ["bench_13b_gc", "ok"]]
+    summary = (out / "summary.md").read_text()
+    assert "samples_per_s_mean" in summary and summary.count("fits in an 80 GB GPU") == 2
     again = subprocess.run(["bash", script, "--tiny", "--only", "train", str(out)], capture_output=True, text=True,
                            env=env)
     assert again.returncode == 2 and "already holds results" in again.stderr
