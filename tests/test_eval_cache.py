@@ -86,10 +86,34 @@ def test_another_model_or_question_file_is_not_served_old_answers(model, setup, 
     assert result["generated_this_run"] == 4 and result["output_dir"] != str(out)
     assert "(model weights changed)" in capsys.readouterr().err
 
+    model.template, template = "plain", model.template  # same weights, another conversation format
+    try:
+        result = _run(model, qfile, out)
+    finally:
+        model.template = template
+    assert result["generated_this_run"] == 4 and result["output_dir"] != str(out)
+    assert "(prompt content changed; template: 'phi' → 'plain')" in capsys.readouterr().err
+
     qfile.write_text(qfile.read_text().replace("shape 2", "the shape"))  # same ids, another question
     result = _run(model, qfile, out)
     assert result["generated_this_run"] == 4 and result["output_dir"] != str(out)
     assert "question_file content changed" in capsys.readouterr().err
+
+
+def test_a_change_in_prompt_building_is_a_new_key(model, setup, capsys, monkeypatch):
+    """Same checkpoint, same template name, but the code builds another prompt (here: text before the image):
+    the prompt ids are part of the key, so old answers are not reused."""
+    from factory.eval import generate
+
+    root, qfile = setup
+    out = root / "out"
+    _run(model, qfile, out)
+    capsys.readouterr()
+    monkeypatch.setattr(generate, "conversation_for",
+                        lambda q: [{"from": "human", "value": f"{q['text']}\n<image>" if q.get("image") else q["text"]}])
+    result = _run(model, qfile, out)
+    assert result["generated_this_run"] == 4 and result["output_dir"] != str(out)
+    assert "with other settings (prompt content changed)" in capsys.readouterr().err
 
 
 def test_batch_size_processes_and_limit_do_not_change_the_key(model, setup, monkeypatch):

@@ -2,7 +2,8 @@
 
 Answers are cached in the output folder so that an interrupted run resumes where it stopped. They are reused only
 when they were made by the same model under the same generation settings: `cache_key.json` records those settings
-(checkpoint identity, dtype, template, decoding, max_new_tokens, benchmark, question file content, image folder)
+(checkpoint identity, dtype, template and the prompt ids it gives, decoding, max_new_tokens, benchmark, question
+file content, image folder)
 and their hash. Settings that cannot change an answer (batch size, number of processes, limit, device, model_id)
 are left out, so resuming with another batch size or process count still reuses every answer.
 
@@ -60,11 +61,21 @@ def model_fingerprint(model) -> Dict[str, str]:
     return {"weights_and_config": digest.hexdigest()}
 
 
+def prompt_probe(model, question: Dict[str, Any]) -> str:
+    """sha256 of the prompt token ids the model gets for `question`: a change in how prompts are built (template
+    text, system prompt, image placement, tokenizer) changes it, even with the same template name."""
+    from factory.eval.generate import conversation_for, template_of
+
+    ids = template_of(model).encode_prompt(conversation_for(question), model.tokenizer, model.image_token_count)
+    return hashlib.sha256(json.dumps([int(i) for i in ids]).encode()).hexdigest()
+
+
 def generation_settings(model, benchmark: str, question_file: Path, image_folder: Optional[Path],
                         max_new_tokens: int, identity: Optional[Dict[str, str]] = None,
-                        extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                        extra: Optional[Dict[str, Any]] = None,
+                        probe_question: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Everything an answer depends on. `identity`: checkpoint_identity of the checkpoint the model came from
-    (eval.py); None → fingerprint the model itself."""
+    (eval.py); None → fingerprint the model itself. `probe_question`: a question whose prompt ids are hashed in."""
     dtype = next(model.parameters()).dtype if hasattr(model, "parameters") else None
     settings = {
         "benchmark": benchmark,
@@ -76,6 +87,8 @@ def generation_settings(model, benchmark: str, question_file: Path, image_folder
         "question_file_sha256": file_sha256(question_file),
         "image_folder": str(Path(image_folder).resolve()) if image_folder else None,
     }
+    if probe_question is not None:
+        settings["prompt_sha256"] = prompt_probe(model, probe_question)
     settings.update(extra or {})
     return settings
 

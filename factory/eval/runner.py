@@ -184,7 +184,8 @@ def _run_benchmark(model, benchmark, question_file, output_dir, image_folder, an
     if not questions:
         raise FactoryError(f"No questions to answer in {question_file} (limit={limit}).")
     max_new_tokens = int(max_new_tokens or bench.max_new_tokens)
-    settings = generation_settings(model, benchmark, Path(question_file), image_folder, max_new_tokens, identity)
+    settings = generation_settings(model, benchmark, Path(question_file), image_folder, max_new_tokens, identity,
+                                   probe_question=questions[0])
     output_dir = keyed_output_dir(Path(output_dir), settings, announce=rank == 0)
     start = time.perf_counter()
     generated = generate_shard(model, questions, image_folder, output_dir, rank, world, batch_size, max_new_tokens,
