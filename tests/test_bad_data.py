@@ -217,7 +217,7 @@ def faulty_entries(world):
             caption("strip-4", image="strip.png"),
             {"id": "long-5", "image": "train_00001.png", "conversations": [
                 {"from": "human", "value": f"{long_text}\n<image>"}, {"from": "gpt", "value": "Left."}]},
-            caption("good-6", image="train_00002.png")]
+            caption("good-6", image="train_00002.png"), caption("both-7", text="\udc80", image="cut.jpg")]
 
 
 def test_verify_lists_every_fault_at_once(world, tmp_path, tok):
@@ -227,8 +227,8 @@ def test_verify_lists_every_fault_at_once(world, tmp_path, tok):
         verify_dataset(ds, tmp_path / "run", "pretrain", workers=2)
     message = str(err.value)
     report = tmp_path / "run" / "data_faults_pretrain.txt"
-    assert message.startswith(f"data.verify_images: 7 samples of {tmp_path / 'data.json'} checked in ")
-    assert (": 3 unreadable images, 1 text that cannot be tokenized, 1 over-length sample.\n"
+    assert message.startswith(f"data.verify_images: 8 samples of {tmp_path / 'data.json'} checked in ")
+    assert (": 4 unreadable images, 2 texts that cannot be tokenized, 1 over-length sample.\n"
             "  - [unreadable image] Cannot "
             f"read image {world / 'images' / 'cut.jpg'} of sample id 'cut-1'") in message
     for sample in ("'html-2'", "(id 'surrogate-3'): turn 2 (gpt) holds '\\ud800'", "'strip-4'", "'long-5'"):
@@ -238,17 +238,17 @@ def test_verify_lists_every_fault_at_once(world, tmp_path, tok):
     lines = report.read_text().splitlines()
     assert [line.split("]")[0] + "]" for line in lines] == [
         "[unreadable image]", "[unreadable image]", "[text that cannot be tokenized]", "[unreadable image]",
-        "[over-length sample]"]
+        "[over-length sample]", "[text that cannot be tokenized]", "[unreadable image]"]  # both faults of both-7
 
 
 def test_verify_with_skip_marks_the_bad_samples(world, tmp_path, tok):
-    ds = dataset(tmp_path, faulty_entries(world), tok, world, on_bad_sample="skip", max_bad_fraction=0.6)
+    ds = dataset(tmp_path, faulty_entries(world), tok, world, on_bad_sample="skip", max_bad_fraction=0.7)
     faults = verify_dataset(ds, None, "pretrain", workers=2)
-    assert [f.index for f in faults] == [1, 2, 3, 4] and ds.num_bad == 4
+    assert [f.index for f in faults] == [1, 2, 3, 4, 7, 7] and ds.num_bad == 5
     assert [ds[i]["id"] for i in range(len(ds))] == ["good-0", "long-5", "long-5", "long-5", "long-5", "long-5",
-                                                     "good-6"]
+                                                     "good-6", "good-0"]
     strict = dataset(tmp_path, faulty_entries(world), tok, world, on_bad_sample="skip")
-    with pytest.raises(FactoryError, match=r"4 of the 7 samples are bad, more than data.max_bad_fraction=0.01"):
+    with pytest.raises(FactoryError, match=r"5 of the 8 samples are bad, more than data.max_bad_fraction=0.01"):
         verify_dataset(strict, None, "pretrain", workers=2)
 
 

@@ -275,7 +275,7 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
 
     def mark_bad(self, index: int, message: str) -> None:
         """Record a sample found bad up front (data.verify_images): __getitem__ skips it without decoding again."""
-        self._bad[index] = message
+        self._bad.setdefault(index, message)  # a sample with two faults keeps the first
 
     def open_image(self, index: int):
         """The sample's image as 8-bit RGB PIL (decoded completely), or a FactoryError naming file and sample."""

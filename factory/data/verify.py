@@ -24,7 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from factory.data.llava_json import BadSampleError, LlavaJsonDataset
 from factory.errors import FactoryError
@@ -55,14 +55,20 @@ def scan(dataset: LlavaJsonDataset, workers: Optional[int] = None, progress: boo
     faults: List[Fault] = []
     bar = tqdm(total=len(dataset), desc=f"verify {Path(dataset.json_path).name}", unit="sample",
                disable=not progress, dynamic_ncols=True)
+    starts = list(range(0, len(dataset), CHUNK))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for start in range(0, len(dataset), CHUNK):
-            indices = range(start, min(start + CHUNK, len(dataset)))
-            images = {i: pool.submit(_image_fault, dataset, i) for i in indices if dataset.has_image[i]}
-            for i in indices:
-                fault = _text_fault(dataset, i) or (images[i].result() if i in images else None)
-                if fault is not None:
-                    faults.append(fault)
+        def submit(start: int) -> Dict[int, Any]:
+            return {i: pool.submit(_image_fault, dataset, i)
+                    for i in range(start, min(start + CHUNK, len(dataset))) if dataset.has_image[i]}
+
+        upcoming = submit(starts[0]) if starts else {}
+        for number, start in enumerate(starts):
+            # the next chunk's images decode while this chunk's text is tokenized in this thread
+            images, upcoming = upcoming, (submit(starts[number + 1]) if number + 1 < len(starts) else {})
+            for i in range(start, min(start + CHUNK, len(dataset))):
+                # a sample can have both kinds of fault: list both, so one pass finds everything
+                found = [_text_fault(dataset, i), images[i].result() if i in images else None]
+                faults.extend(fault for fault in found if fault is not None)
                 bar.update(1)
     bar.close()
     return faults
@@ -130,7 +136,7 @@ def verify_datasets(named: Sequence[Tuple[str, LlavaJsonDataset]], run_dir: Opti
     results = broadcast_object(results)
     problems = []
     for (_, dataset), (text, faults) in zip(named, results):
-        bad = [fault for fault in faults if fault.kind != "too_long"]
+        bad = {fault.index for fault in faults if fault.kind != "too_long"}  # samples, not faults
         if bad and dataset.on_bad_sample == "error":
             problems.append(f"{text}\nFix or remove these samples, or set data.on_bad_sample=skip to train "
                             f"without them (data.on_bad_sample=error stops at the first one).")
