@@ -167,8 +167,8 @@ def known_keys(group: str, selected_name: Optional[str] = None, config_dir: Path
     return known
 
 
-def _root_keys(config_dir: Path) -> Set[str]:
-    raw = OmegaConf.to_container(OmegaConf.load(Path(config_dir) / "train.yaml"), resolve=False) or {}
+def _root_keys(config_dir: Path, root_file: str = "train.yaml") -> Set[str]:
+    raw = OmegaConf.to_container(OmegaConf.load(Path(config_dir) / root_file), resolve=False) or {}
     groups = {next(iter(e)) if isinstance(e, dict) else e for e in raw.pop("defaults", [])}
     raw.pop("hydra", None)
     return {str(g).split("/")[-1].split("@")[0] for g in groups if g != "_self_"} | set(raw)
@@ -196,14 +196,17 @@ def _suggest(path: str, known: Iterable[str]) -> List[str]:
 
 # ------------------------------------------------------------------------------------------------ the check
 def config_problems(cfg: DictConfig, groups: Iterable[str] = CHECKED_GROUPS, root: bool = True,
-                    config_dir: Path = CONFIG_DIR) -> List[str]:
+                    config_dir: Path = CONFIG_DIR, root_file: str = "train.yaml",
+                    rules: Optional[Dict[str, Rule]] = None) -> List[str]:
+    """Every problem of `cfg` as one sentence each. `root_file` (relative to config_dir) defines the root keys and
+    `rules` the type table: defaults are train.py's; eval tools pass their own (e.g. eval/benchmark.yaml)."""
     try:
         data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     except Exception as err:  # an interpolation that cannot be resolved
         return [f"the config cannot be resolved: {err}"]
     problems: List[str] = []
     if root:
-        known_root = _root_keys(config_dir)
+        known_root = _root_keys(config_dir, root_file)
         for key in data:
             if key not in known_root:
                 hint = _suggest(key, known_root)
@@ -226,7 +229,7 @@ def config_problems(cfg: DictConfig, groups: Iterable[str] = CHECKED_GROUPS, roo
                     + (f"; did you mean {' or '.join(hint)}?" if hint else ".")
                     + f" Known keys: {', '.join(leaves[:30])}{' ...' if len(leaves) > 30 else ''}.")
     flat = {k: v for k, v in _flatten(data).items()}
-    for pattern, rule in RULES.items():
+    for pattern, rule in (RULES if rules is None else rules).items():
         for key in _matching(pattern, flat):
             expected = rule(flat[key])
             if expected is not None:
@@ -243,9 +246,10 @@ def _matching(pattern: str, flat: Dict[str, Any]) -> List[str]:
 
 
 def check_config(cfg: DictConfig, groups: Iterable[str] = CHECKED_GROUPS, root: bool = True,
-                 config_dir: Path = CONFIG_DIR) -> None:
+                 config_dir: Path = CONFIG_DIR, root_file: str = "train.yaml",
+                 rules: Optional[Dict[str, Rule]] = None) -> None:
     """Raise one FactoryError listing every unknown key and every value of the wrong type or out of range."""
-    problems = config_problems(cfg, groups, root, config_dir)
+    problems = config_problems(cfg, groups, root, config_dir, root_file, rules)
     if problems:
         listed = "\n".join(f"  - {p}" for p in problems)
         raise FactoryError(

@@ -92,3 +92,18 @@ def test_train_py_validates_before_any_work(tmp_path):
     assert "`trainer.max_steps` must be an integer >= 1 (or null), got -1 (int)." in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "data").exists()
+
+
+def test_usable_by_other_entry_points_with_their_own_root_file_and_rules():
+    """eval.py's settings (configs/eval/benchmark.yaml) checked with the same machinery and a table of its own."""
+    from omegaconf import OmegaConf
+
+    from factory.config_checks import _number
+
+    cfg = OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "eval" / "benchmark.yaml"),
+                          OmegaConf.from_dotlist(["checkpoint=runs/a/instruct", "batch_size=abc", "bench=pope"]))
+    found = config_problems(cfg, groups=(), root_file="eval/benchmark.yaml",
+                            rules={"batch_size": _number(lo=1, integer=True)})
+    assert found[0].startswith("`bench` is not a setting (nothing reads it, it would be silently ignored); did you "
+                               "mean benchmark?")
+    assert found[1] == "`batch_size` must be an integer >= 1, got 'abc' (str)."
