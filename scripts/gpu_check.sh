@@ -6,7 +6,9 @@
 #
 # A GPU image without network that lacks deepspeed, hydra-core, omegaconf, open_clip_torch or wandb needs their
 # wheels in .whl/ (Python 3.12, x86-64; `pip download` / `pip wheel` them where there is network — the developers'
-# ../shared/gpu/wheelhouse.sh does exactly that); the env section installs them into /tmp/site.
+# ../shared/gpu/wheelhouse.sh does exactly that); the env section installs them into /tmp/site. If the image has no
+# pytest either, add its pure-Python wheels too:
+#   python3 -m pip download -q --no-deps --only-binary=:all: -d .whl pytest iniconfig pluggy pygments
 #
 # Sections (each under its own time limit, all under one overall deadline, a failing one does not stop the rest):
 #   env       wheels installed into /tmp/site (skipped when the packages import), nvidia-smi, versions
@@ -25,7 +27,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --tiny) TINY=1 ;;
     --only) shift; ONLY="${1:?--only needs a comma list of sections}" ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     -*) echo "gpu_check.sh: unknown option $1 (use --tiny, --only LIST, RESULTS_DIR)" >&2; exit 2 ;;
     *) RES="$1" ;;
   esac
@@ -90,16 +92,21 @@ fi
 
 # ---------------------------------------------------------------------------------------------------- env
 if wants env; then
-  if $PY -c "import deepspeed, hydra, omegaconf, open_clip, wandb" 2>/dev/null; then
+  if $PY -c "import deepspeed, hydra, omegaconf, open_clip, wandb" >/dev/null 2>&1; then
     log "env: deepspeed, hydra, omegaconf, open_clip and wandb already import"
   elif ls .whl/*.whl >/dev/null 2>&1; then
     run wheels 120 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
   else
     log "env: deepspeed & co. are missing and there is no .whl/ folder: run ../shared/gpu/wheelhouse.sh on the CPU machine and carry .whl"
   fi
+  missing="$($PY -c '
+import importlib.util as u
+print(" ".join(m for m in ("deepspeed", "hydra", "omegaconf", "open_clip", "wandb", "pytest") if u.find_spec(m) is None))')"
+  [ -n "$missing" ] && log "env: STILL MISSING: $missing (the sections that need them will fail; see the header of this script)"
   { nvidia-smi 2>&1 || true; } > "$RES/nvidia-smi.txt"
-  $PY - > "$RES/env.json" 2>&1 <<'EOF'
-import json, platform, torch
+  # the JSON goes to a file, not stdout: importing deepspeed prints a line on stdout
+  $PY - "$RES/env.json" > "$RES/env.log" 2>&1 <<'EOF'
+import json, platform, sys, torch
 info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 for name in ("transformers", "peft", "deepspeed", "timm", "open_clip", "hydra", "omegaconf"):
@@ -113,7 +120,7 @@ try:
                                     capture_output=True, text=True).stdout.strip()
 except Exception:
     info["driver"] = None
-print(json.dumps(info, indent=2))
+open(sys.argv[1], "w").write(json.dumps(info, indent=2) + "\n")
 EOF
   log "env: $(tr -d '\n' < "$RES/env.json" | tr -s ' ')"
 fi

@@ -231,7 +231,7 @@ def test_synthetic_llava_generator(tmp_path):
 
 
 def test_gpu_check_script_on_cpu_at_tiny_size(tmp_path):
-    """scripts/gpu_check.sh parses, rejects bad arguments, and its train and bench13b sections run as written (tiny
+    """scripts/gpu_check.sh parses, rejects bad arguments, and its env, train and bench13b sections run as written (tiny
     model, CPU): synthetic data → 1 stage-1 step + 3 stage-2 steps in bf16 → samples/s in train_3b.json; the 13B
     memory bench → its "fits in 80 GB" line; summary.md."""
     import os
@@ -248,7 +248,7 @@ def test_gpu_check_script_on_cpu_at_tiny_size(tmp_path):
         result = subprocess.run(["bash", script, *bad], capture_output=True, text=True, env=env)
         assert result.returncode == 2 and "gpu_check.sh:" in result.stderr
     out = tmp_path / "results"
-    result = subprocess.run(["bash", script, "--tiny", "--only", "train,bench13b", str(out)], capture_output=True,
+    result = subprocess.run(["bash", script, "--tiny", "--only", "env,train,bench13b", str(out)], capture_output=True,
                             text=True, env=env, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     train = json.loads((out / "train_3b.json").read_text())
@@ -257,6 +257,7 @@ def test_gpu_check_script_on_cpu_at_tiny_size(tmp_path):
     assert [r["stage"] for r in records] == ["pretrain"] + ["instruct"] * 3
     status = [line.split()[:2] for line in (out / "status.txt").read_text().splitlines()]
     assert status == [["train_3b", "ok"], ["bench_13b", "ok"], ["bench_13b_gc", "ok"]]
+    assert json.loads((out / "env.json").read_text())["torch"] == torch.__version__
     summary = (out / "summary.md").read_text()
     assert "samples_per_s_mean" in summary and summary.count("fits in an 80 GB GPU") == 2
     again = subprocess.run(["bash", script, "--tiny", "--only", "train", str(out)], capture_output=True, text=True,
