@@ -42,7 +42,11 @@ SELF_DESCRIBED = "FACTORY_SELF_DESCRIBED_WORLD"
 
 def fill_single_process_env() -> None:
     """Describe a one-process world in the environment when no launcher did (launcher values are never touched)."""
-    if os.environ.pop(SELF_DESCRIBED, None) == "1":
+    inherited = os.environ.pop(SELF_DESCRIBED, None) == "1"
+    # Variables that came with our marker are a parent's self-described world: drop them, unless a launcher started
+    # this process since (torchrun's workers carry TORCHELASTIC_RUN_ID and must reach torchrun's store at its port;
+    # a multi-process world is never one we described).
+    if inherited and os.environ.get("WORLD_SIZE", "1") == "1" and "TORCHELASTIC_RUN_ID" not in os.environ:
         for key in WORLD_VARIABLES:
             os.environ.pop(key, None)
     if "RANK" not in os.environ:
