@@ -74,6 +74,18 @@ def test_readme_sweep_gives_every_job_its_own_folder(tmp_path):
     assert [p.read_text() for p in sweep_dir.glob("multirun.*.yaml")] == [sweep_record]
 
 
+def test_sweep_job_folder_names(monkeypatch):
+    """Only the swept keys name a job's folder (every override would exceed a file name's 255 bytes), one folder
+    level (no '/'), at most 120 characters, and never run_dir/resume/overwrite (a resumed sweep maps to the same)."""
+    monkeypatch.setattr(run_folder, "_SWEPT_KEYS", {"tuner", "data.root"})
+    overrides = ["tuner=lora", "data.root=/data/x", "trainer.max_steps=5", "run_dir=/runs/a", "resume=true"]
+    assert run_folder.sweep_job_dirname(1, overrides) == "1_data.root=_data_x,tuner=lora"
+    monkeypatch.setattr(run_folder, "_SWEPT_KEYS", {"seed"})
+    long_name = run_folder.sweep_job_dirname(0, ["seed=" + "9" * 200])
+    assert len(long_name) == 119 and long_name.startswith("0_seed=999") and long_name[-9] == "-"
+    assert long_name != run_folder.sweep_job_dirname(0, ["seed=" + "9" * 199])
+
+
 # ------------------------------------------------------------------------------------------------ reuse, overwrite
 def test_second_run_into_a_used_folder_is_refused_and_changes_nothing(world, tmp_path):
     from factory.train import run
