@@ -162,6 +162,19 @@ def test_a_lock_from_another_host_is_not_guessed_stale(tmp_path):
         lock.acquire()
 
 
+def test_a_lock_being_written_is_not_taken_for_a_stale_one(tmp_path):
+    """Between another run's atomic create and its write, the lock is empty: that run is starting, not dead."""
+    (tmp_path / run_folder.LOCK_FILE).write_text("")
+    with pytest.raises(FactoryError, match="is being taken by another run that started at the same moment"):
+        run_folder.RunLock(tmp_path).acquire()
+    os.utime(tmp_path / run_folder.LOCK_FILE, (0, 0))  # an empty lock from long ago: a crash, taken over
+    lock = run_folder.RunLock(tmp_path)
+    lock.acquire()
+    assert json.loads((tmp_path / run_folder.LOCK_FILE).read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (tmp_path / run_folder.LOCK_FILE).exists()
+
+
 # -------------------------------------------------------------------------------------------- environment faults
 def test_run_dir_that_is_a_file_is_one_clear_message(tmp_path):
     blocker = tmp_path / "results"

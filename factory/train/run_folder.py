@@ -203,6 +203,9 @@ class RunLock:
             owner = {}
         if not isinstance(owner, dict):
             owner = {}
+        if not owner and time.time() - self._mtime() < 10:  # another run is writing its lock right now
+            raise FactoryError(f"run_dir {self.path.parent} is being taken by another run that started at the same "
+                               "moment. Choose another run_dir=<folder>.")
         who = f"pid {owner.get('pid', '?')} on host {owner.get('host', '?')}, started {owner.get('started', '?')}"
         if owner and _alive(owner):
             same_host = owner.get("host") == socket.gethostname()
@@ -221,6 +224,12 @@ class RunLock:
             return
         print(f"Note: removed a stale lock in {self.path.parent} ({who or 'unreadable'}; that process no longer "
               "runs).", file=sys.stderr, flush=True)
+
+    def _mtime(self) -> float:
+        try:
+            return self.path.stat().st_mtime
+        except OSError:
+            return 0.0
 
     def release(self) -> None:
         if self.held:
