@@ -280,3 +280,22 @@ def test_two_processes_refuse_a_used_folder_together(tmp_path):
     assert proc.stderr.count(f"Error: run_dir {run_dir} already holds an earlier run: metrics.jsonl with 1 lines") == 2
     assert (run_dir / "metrics.jsonl").read_text().count("\n") == 1 and not (run_dir / run_folder.LOCK_FILE).exists()
     assert not (tmp_path / "world").exists()  # refused before any work: the micro-world was not generated
+
+
+def test_runs_started_in_the_same_second_get_their_own_default_folders(tmp_path):
+    """The default run_dir is outputs/<date>/<time>: a second run in the same second claims `<time>-1` (mkdir is
+    atomic); an explicit run_dir= is never changed (the lock and the reuse check guard it)."""
+    from omegaconf import OmegaConf
+
+    def hydra_config(overrides):
+        return OmegaConf.create({"run_dir": str(tmp_path / "outputs" / "d" / "10-00-00"),
+                                 "hydra": {"run": {"dir": "${run_dir}"}, "overrides": {"task": overrides}}})
+
+    first, second = hydra_config(["tuner=lora"]), hydra_config(["tuner=lora"])
+    run_folder.PrepareRunFolder().on_run_start(first)
+    run_folder.PrepareRunFolder().on_run_start(second)
+    assert first.run_dir.endswith("10-00-00") and second.hydra.run.dir == first.run_dir + "-1"
+    assert Path(second.run_dir).is_dir()
+    explicit = hydra_config([f"run_dir={tmp_path / 'outputs' / 'd' / '10-00-00'}"])
+    run_folder.PrepareRunFolder().on_run_start(explicit)
+    assert explicit.run_dir == first.run_dir

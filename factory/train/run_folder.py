@@ -376,12 +376,38 @@ def sweep_job_dirname(num, overrides) -> str:
     return name
 
 
+def claim_fresh_folder(path: Path) -> Path:
+    """Create `path`, or `path-1`, `path-2`, ... if taken: mkdir is atomic, so two runs never claim the same."""
+    for attempt in range(1000):
+        candidate = path if attempt == 0 else path.with_name(f"{path.name}-{attempt}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+        except OSError:
+            return path  # prepare_folder reports it with the fix
+    return path
+
+
 class PrepareRunFolder(_HydraCallback):
     """configs/train.yaml registers this under hydra.callbacks: it creates the run (or sweep) folder before Hydra
     does, so a file in the way or a read-only disk ends in one clear message (exit 2) instead of Hydra's trace."""
 
     def on_run_start(self, config, **kwargs) -> None:
-        self._prepare(config.hydra.run.dir)
+        explicit = any(str(o).lstrip("+").startswith("run_dir=") for o in config.hydra.overrides.task)
+        if explicit or os.environ.get("RANK", "0") != "0":  # other ranks get rank 0's folder from the runner
+            self._prepare(config.hydra.run.dir)
+            return
+        # The default run_dir is a timestamp: a second run started in the same second gets `<time>-1`, not a refusal.
+        wanted = Path(str(config.hydra.run.dir))
+        self._prepare(wanted.parent)
+        claimed = claim_fresh_folder(wanted)
+        if claimed != wanted:
+            from omegaconf import open_dict, read_write
+
+            with read_write(config), open_dict(config):
+                config.run_dir = str(claimed)  # hydra.run.dir is ${run_dir}; Hydra runs the job with this config
 
     def on_multirun_start(self, config, **kwargs) -> None:
         global _SWEPT_KEYS
