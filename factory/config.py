@@ -13,11 +13,11 @@ ASSETS_DIR = PACKAGE_DIR / "assets"
 
 def register_resolvers() -> None:
     """`${asset:microworld/phi}` → absolute path of a file shipped in factory/assets (works from any cwd);
-    `${sweep_job_dirname:num,overrides}` → a sweep job's folder name (factory/train/run_folder.py)."""
+    `${sweep_job_dirname:num,overrides}` → a sweep job's folder name (factory/train/hydra_folders.py)."""
     if not OmegaConf.has_resolver("asset"):
         OmegaConf.register_new_resolver("asset", lambda rel: str(ASSETS_DIR / rel))
     if not OmegaConf.has_resolver("sweep_job_dirname"):
-        from factory.train.run_folder import sweep_job_dirname
+        from factory.train.hydra_folders import sweep_job_dirname
 
         OmegaConf.register_new_resolver("sweep_job_dirname", sweep_job_dirname)
 

@@ -22,7 +22,7 @@ import pytest
 from dist_helpers import REPO, child_env, tiny_overrides
 from factory.errors import FactoryError
 from factory.train import checkpoint as ckpt
-from factory.train import run_folder
+from factory.train import hydra_folders, run_folder
 from train_support import make_small_world, read_metrics, train_cfg
 
 TRAIN = str(REPO / "train.py")
@@ -77,13 +77,13 @@ def test_readme_sweep_gives_every_job_its_own_folder(tmp_path):
 def test_sweep_job_folder_names(monkeypatch):
     """Only the swept keys name a job's folder (every override would exceed a file name's 255 bytes), one folder
     level (no '/'), at most 120 characters, and never run_dir/resume/overwrite (a resumed sweep maps to the same)."""
-    monkeypatch.setattr(run_folder, "_SWEPT_KEYS", {"tuner", "data.root"})
+    monkeypatch.setattr(hydra_folders, "_SWEPT_KEYS", {"tuner", "data.root"})
     overrides = ["tuner=lora", "data.root=/data/x", "trainer.max_steps=5", "run_dir=/runs/a", "resume=true"]
-    assert run_folder.sweep_job_dirname(1, overrides) == "1_data.root=_data_x,tuner=lora"
-    monkeypatch.setattr(run_folder, "_SWEPT_KEYS", {"seed"})
-    long_name = run_folder.sweep_job_dirname(0, ["seed=" + "9" * 200])
+    assert hydra_folders.sweep_job_dirname(1, overrides) == "1_data.root=_data_x,tuner=lora"
+    monkeypatch.setattr(hydra_folders, "_SWEPT_KEYS", {"seed"})
+    long_name = hydra_folders.sweep_job_dirname(0, ["seed=" + "9" * 200])
     assert len(long_name) == 119 and long_name.startswith("0_seed=999") and long_name[-9] == "-"
-    assert long_name != run_folder.sweep_job_dirname(0, ["seed=" + "9" * 199])
+    assert long_name != hydra_folders.sweep_job_dirname(0, ["seed=" + "9" * 199])
 
 
 # ------------------------------------------------------------------------------------------------ reuse, overwrite
@@ -292,10 +292,10 @@ def test_runs_started_in_the_same_second_get_their_own_default_folders(tmp_path)
                                  "hydra": {"run": {"dir": "${run_dir}"}, "overrides": {"task": overrides}}})
 
     first, second = hydra_config(["tuner=lora"]), hydra_config(["tuner=lora"])
-    run_folder.PrepareRunFolder().on_run_start(first)
-    run_folder.PrepareRunFolder().on_run_start(second)
+    hydra_folders.PrepareRunFolder().on_run_start(first)
+    hydra_folders.PrepareRunFolder().on_run_start(second)
     assert first.run_dir.endswith("10-00-00") and second.hydra.run.dir == first.run_dir + "-1"
     assert Path(second.run_dir).is_dir()
     explicit = hydra_config([f"run_dir={tmp_path / 'outputs' / 'd' / '10-00-00'}"])
-    run_folder.PrepareRunFolder().on_run_start(explicit)
+    hydra_folders.PrepareRunFolder().on_run_start(explicit)
     assert explicit.run_dir == first.run_dir

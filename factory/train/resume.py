@@ -106,7 +106,7 @@ def check_resume_config(cfg, run_dir: Path, point: ResumePoint) -> Dict[str, Tup
                                "a new run_dir.") from None
         changes = config_changes(old, new)
         # A key only one side has was added to (or dropped from) the factory's YAML since the checkpoint was written;
-        # a new key's default keeps the earlier behaviour, so it is allowed, and reported and recorded like a safe change.
+        # a new key's default keeps the earlier behaviour: allowed, reported and recorded like a safe change.
         unsafe = {k: v for k, v in changes.items() if not _is_safe(k) and _ABSENT not in v}
         if unsafe:
             raise FactoryError(_refusal(run_dir, name, recorded_file, unsafe))

@@ -1,7 +1,7 @@
 """A run folder (`run_dir`) is never silently reused.
 
 * `prepare_folder` creates it with a clear error when a file stands in the way, the disk is read-only or full
-  (train.py calls it from a Hydra callback, before Hydra itself would fail on the same path with a raw trace).
+  (train.py also calls it from a Hydra callback, hydra_folders.py, before Hydra would fail on the path with a trace).
 * `RunLock` (`<run_dir>/run.lock`, JSON with pid, host, boot id and the process's start time) keeps two live runs
   out of one folder; a lock whose process is gone on this host is stale and taken over, with a note.
 * `inspect_folder` says what an earlier run left; `refuse_reuse` stops a run into a folder that holds one unless
@@ -345,92 +345,3 @@ def write_invocation(run_dir: Path, cfg, overrides: Optional[List[str]], resumed
     (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if overrides is not None:
         (folder / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
-
-
-# ------------------------------------------------------------------------------------------------- Hydra callback
-try:
-    from hydra.experimental.callback import Callback as _HydraCallback
-except ImportError:  # pragma: no cover - Hydra is a dependency; keep the module importable without it
-    _HydraCallback = object
-
-
-# Keys a sweep varies (`tuner=mores,lora`), noted by PrepareRunFolder.on_multirun_start; None: unknown (then every
-# override of a job names its folder).
-_SWEPT_KEYS: Optional[set] = None
-NOT_IN_JOB_NAME = ("run_dir", "resume", "overwrite")  # the same jobs must map to the same folders on resume
-
-
-def sweep_job_dirname(num, overrides) -> str:
-    """`${sweep_job_dirname:${hydra.job.num},${hydra.overrides.task}}` (configs/train.yaml): `<num>_<the job's values
-    of the swept keys>`, one folder level (no '/'), at most 120 characters (longer names end in a hash)."""
-    import hashlib
-
-    items = []
-    for item in (str(o) for o in overrides):
-        key = item.split("=", 1)[0].lstrip("+~")
-        if key not in NOT_IN_JOB_NAME and (_SWEPT_KEYS is None or key in _SWEPT_KEYS):
-            items.append(item)
-    name = (f"{num}_" + ",".join(sorted(items))).rstrip("_").replace("/", "_").replace("\\", "_")
-    if len(name) > 120:
-        name = name[:110] + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
-    return name
-
-
-def claim_fresh_folder(path: Path) -> Path:
-    """Create `path`, or `path-1`, `path-2`, ... if taken: mkdir is atomic, so two runs never claim the same."""
-    for attempt in range(1000):
-        candidate = path if attempt == 0 else path.with_name(f"{path.name}-{attempt}")
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            continue
-        except OSError:
-            return path  # prepare_folder reports it with the fix
-    return path
-
-
-class PrepareRunFolder(_HydraCallback):
-    """configs/train.yaml registers this under hydra.callbacks: it creates the run (or sweep) folder before Hydra
-    does, so a file in the way or a read-only disk ends in one clear message (exit 2) instead of Hydra's trace."""
-
-    def on_run_start(self, config, **kwargs) -> None:
-        explicit = any(str(o).lstrip("+").startswith("run_dir=") for o in config.hydra.overrides.task)
-        if explicit or os.environ.get("RANK", "0") != "0":  # other ranks get rank 0's folder from the runner
-            self._prepare(config.hydra.run.dir)
-            return
-        # The default run_dir is a timestamp: a second run started in the same second gets `<time>-1`, not a refusal.
-        wanted = Path(str(config.hydra.run.dir))
-        self._prepare(wanted.parent)
-        claimed = claim_fresh_folder(wanted)
-        if claimed != wanted:
-            from omegaconf import open_dict, read_write
-
-            with read_write(config), open_dict(config):
-                config.run_dir = str(claimed)  # hydra.run.dir is ${run_dir}; Hydra runs the job with this config
-
-    def on_multirun_start(self, config, **kwargs) -> None:
-        global _SWEPT_KEYS
-        try:
-            from hydra.core.override_parser.overrides_parser import OverridesParser
-
-            parsed = OverridesParser.create().parse_overrides([str(o) for o in config.hydra.overrides.task])
-            _SWEPT_KEYS = {o.key_or_group for o in parsed if o.is_sweep_override()}
-        except Exception:  # an unparsable override fails Hydra itself with its own message
-            _SWEPT_KEYS = None
-        self._prepare(config.hydra.sweep.dir)
-        # Hydra's sweeper writes multirun.yaml unconditionally: keep an earlier sweep's copy (a resumed sweep)
-        earlier = Path(str(config.hydra.sweep.dir)) / "multirun.yaml"
-        if earlier.is_file():
-            stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(earlier.stat().st_mtime))
-            kept = earlier.with_name(f"multirun.{stamp}.yaml")
-            if not kept.exists():
-                shutil.copy2(earlier, kept)
-
-    @staticmethod
-    def _prepare(path) -> None:
-        try:
-            prepare_folder(Path(str(path)))
-        except FactoryError as err:
-            print(f"Error: {err}", file=sys.stderr, flush=True)
-            raise SystemExit(2)
