@@ -33,7 +33,9 @@ def hf_twin(model, dtype: torch.dtype, device: str):
     """transformers' LlavaForConditionalGeneration holding exactly our model's weights (vision tower, projector,
     LLM body and head), and the id it uses for image tokens. Phi's lm_head bias is set to zero in `model` (HF's
     Llava head has none)."""
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "scripts"))
+    from train_support import REPO
+
+    sys.path.insert(0, str(REPO / "scripts"))
     from bench_throughput import _hf_config_of, build_hf
 
     text_cfg = model.llm.config
