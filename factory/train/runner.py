@@ -48,6 +48,7 @@ def _run(cfg: DictConfig, dist, started: float) -> Dict[str, Any]:
     dtype = select_dtype(str(cfg.trainer.get("precision", "auto")), dist.device)
     if dist.device.type == "cpu" and cfg.trainer.get("cpu_threads"):
         torch.set_num_threads(int(cfg.trainer.cpu_threads))
+    stage1: Optional[Path] = _initial_stage1_checkpoint(cfg, stages)  # checked before the folder is touched
     # rank 0's folder for everyone: a default run_dir holds a timestamp, which ranks started a second apart differ on
     run_dir = Path(broadcast_object(str(Path(str(cfg.run_dir)).expanduser().resolve())))
     opened = open_run_folder(cfg, dist, run_dir, [s.name for s in stages])
@@ -55,7 +56,7 @@ def _run(cfg: DictConfig, dist, started: float) -> Dict[str, Any]:
         if opened.nothing_to_do:
             print(opened.nothing_to_do, file=sys.stderr, flush=True)
             return {"run_dir": str(run_dir), "nothing_to_do": True, "message": opened.nothing_to_do}
-        summary = _train(cfg, dist, started, run_dir, stages, dtype, opened)
+        summary = _train(cfg, dist, started, run_dir, stages, dtype, opened, stage1)
     except FactoryError:
         raise
     except Exception as err:  # a full or read-only disk surfaces as OSError, or inside torch/safetensors saves
@@ -71,13 +72,14 @@ def _run(cfg: DictConfig, dist, started: float) -> Dict[str, Any]:
     return summary
 
 
-def _train(cfg: DictConfig, dist, started: float, run_dir: Path, stages, dtype, opened: "OpenedRun") -> Dict[str, Any]:
+def _train(cfg: DictConfig, dist, started: float, run_dir: Path, stages, dtype, opened: "OpenedRun",
+           stage1: Optional[Path]) -> Dict[str, Any]:
     _prepare_data(cfg, dist)
     metrics = MetricsFile(run_dir / "metrics.jsonl")
     resume = opened.resume
     logger = WandbLogger(cfg.get("logger"), run_dir, OmegaConf.to_container(cfg, resolve=True), enabled=dist.is_main)
     ctx = StageContext(cfg=cfg, dist=dist, run_dir=run_dir, dtype=dtype, metrics=metrics, wandb=logger)
-    previous: Optional[Path] = _initial_stage1_checkpoint(cfg, stages)
+    previous: Optional[Path] = stage1
     results, model, last_spec = {}, None, None
     try:
         for spec in stages:
