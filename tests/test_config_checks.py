@@ -39,6 +39,8 @@ def test_the_shipped_configs_pass():
     ("trainer.precision=fp64", "`trainer.precision` must be one of auto, fp32, bf16, got 'fp64' (str)."),
     ("resume=yes", "`resume` must be true or false, got 'yes' (str)."),
     ("data.sizes.num_train_images=0", "`data.sizes.num_train_images` must be an integer >= 1, got 0 (int)."),
+    ("data.on_bad_sample=ignore", "`data.on_bad_sample` must be one of error, skip, got 'ignore' (str)."),
+    ("data.max_bad_fraction=2", "`data.max_bad_fraction` must be a number >= 0 and <= 1, got 2 (int)."),
 ])
 def test_bad_values_are_named_with_what_is_accepted(override, message):
     found = problems(override)
