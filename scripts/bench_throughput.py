@@ -22,7 +22,8 @@ tokens, N_* = weights of the nn.Linear/Conv layers of that part, L/D = layers/hi
   * LLM weights that stay frozen (they still pass gradients down to the connector, but need no weight
     gradient): forward + input gradient                                 4·N_frozen·T   (lm_head included)
   * LLM attention scores and values, forward + backward:                12·L·T·seq·D
-MoReS' own parameters live outside nn.Linear and act on image positions only (< 0.01 % of the FLOPs): not counted.
+MoReS' own layers (its R and W are nn.Linear modules) act on 9 image positions per sample only (< 0.01 % of the
+FLOPs): they are left out of N.
 Peak: 989 TFLOP/s (H100 SXM dense bf16). On CPU MFU is printed as n/a.
 
 Prints a markdown table and writes JSON (`--json`, default bench_throughput.json).
@@ -166,14 +167,23 @@ def hf_batch(batch: dict, image_token_id: int) -> dict:
 
 # ----------------------------------------------------------------------------------------------------------- flops
 def _matmul_weights(module: torch.nn.Module, exclude=()) -> tuple[int, int]:
-    """(trained, frozen) weight counts of the nn.Linear / nn.Conv layers of a module (embeddings are lookups)."""
+    """(trained, frozen) weight counts of the nn.Linear / nn.Conv layers of a module (embeddings are lookups),
+    leaving out MoReS (see the module docstring) and anything in `exclude`."""
+    from torch.nn.utils import parametrize
+
+    from factory.tuners.mores import MoReS
+
     skip = {id(m) for e in exclude for m in e.modules()}
+    skip |= {id(m) for mores in module.modules() if isinstance(mores, MoReS) for m in mores.modules()}
     trained = frozen = 0
     for sub in module.modules():
         if id(sub) in skip or not isinstance(sub, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv1d)):
             continue
-        n = sub.weight.numel()
-        trained, frozen = (trained + n, frozen) if sub.weight.requires_grad else (trained, frozen + n)
+        # a parametrized weight is computed when read (an orthogonal one needs QR, which has no bf16 kernel):
+        # count the stored tensor instead
+        weight = sub.parametrizations.weight.original if parametrize.is_parametrized(sub, "weight") else sub.weight
+        n = weight.numel()
+        trained, frozen = (trained + n, frozen) if weight.requires_grad else (trained, frozen + n)
     return trained, frozen
 
 

@@ -38,6 +38,20 @@ def test_necessary_flops_counts_each_part_by_whether_it_trains(bench):
     assert got == expected == 433120
 
 
+def test_flop_count_leaves_out_mores_and_reads_no_bf16_rotation(bench):
+    """MoReS's R and W are nn.Linear modules acting on 9 positions: not part of N. Its R is a parametrized weight
+    that would need a QR (no bf16 kernel on CPU or CUDA) if read: the count of a bf16 MoReS model must not read it."""
+    from factory.testing import tiny_model
+    from factory.tuners import apply_tuning
+
+    model = tiny_model(llm="phi")
+    linear_weights = sum(bench._matmul_weights(model.llm))
+    apply_tuning(model, {"name": "mores"})
+    model = model.to(torch.bfloat16)
+    # stage-2 MoReS: the LLM's own linear layers are frozen, and MoReS's trained ones are not counted
+    assert bench._matmul_weights(model.llm) == (0, linear_weights) and linear_weights > 0
+
+
 def test_mfu_reproduces_the_measured_hf_baseline(bench):
     """DESIGN's H100 number for HF Llava at llava_3b size, frozen LLM, batch 8 × seq 800: 31.96 samples/s ≈ 0.30
     MFU. Our formula on the same architecture (built on the meta device: no memory) must give that MFU."""
