@@ -123,8 +123,10 @@ def test_kill9_then_resume_is_bitwise_identical(world, base, uninterrupted, kill
     killed_dir, step = killed
     assert (killed_dir / "instruct" / "meta.json").is_file()
     assert json.loads((killed_dir / "instruct" / "meta.json").read_text())["complete"] is False
+    assert (killed_dir / "run.lock").is_file()  # kill -9 leaves the lock behind: the resume finds it stale
     resumed = resume_copy(world, killed_dir, base / "resumed")
     assert_identical_to(uninterrupted, resumed)
+    assert not (resumed / "run.lock").exists()
 
 
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(world, base, uninterrupted, killed):
