@@ -121,6 +121,22 @@ RULES: Dict[str, Rule] = {
 }
 
 
+# eval.py's settings (configs/eval/benchmark.yaml), checked with check_eval_config.
+EVAL_RULES: Dict[str, Rule] = {
+    "batch_size": _number(lo=1, integer=True),
+    "max_new_tokens": _number(lo=1, integer=True, nullable=True),
+    "limit": _number(lo=1, integer=True, nullable=True),
+    "merge_wait_s": _number(lo=0),
+    "skip_missing_images": _boolean(),
+    "trust_remote_code": _boolean(),
+    "dtype": lambda v: (None if v in (None, "bf16", "bfloat16", "fp16", "float16", "fp32", "float32")
+                        else "null or one of bf16, fp16, fp32"),
+    "imbalance.num_samples": _number(lo=1, integer=True),
+    "imbalance.max_new_tokens": _number(lo=1, integer=True),
+    "imbalance.batch_size": _number(lo=1, integer=True),
+}
+
+
 # ------------------------------------------------------------------------------------------------ known keys
 def _flatten(node: Any, prefix: str = "") -> Dict[str, Any]:
     """Every key path (inner dicts included) -> its value."""
@@ -260,3 +276,9 @@ def check_config(cfg: DictConfig, groups: Iterable[str] = CHECKED_GROUPS, root: 
             f"The config has {len(problems)} problem{'s' if len(problems) > 1 else ''}; nothing was run:\n{listed}\n"
             f"Fix them on the command line (key=value) or in the YAML files under {config_dir}."
         )
+
+
+def check_eval_config(cfg: DictConfig, defaults_file: Path = CONFIG_DIR / "eval" / "benchmark.yaml") -> None:
+    """eval.py's settings: the keys of its defaults file (configs/eval/benchmark.yaml) and EVAL_RULES."""
+    check_config(cfg, groups=(), root=True, config_dir=Path(defaults_file).parent,
+                 root_file=Path(defaults_file).name, rules=EVAL_RULES)

@@ -109,3 +109,16 @@ def test_usable_by_other_entry_points_with_their_own_root_file_and_rules():
     assert found[0].startswith("`bench` is not a setting (nothing reads it, it would be silently ignored); did you "
                                "mean benchmark?")
     assert found[1] == "`batch_size` must be an integer >= 1, got 'abc' (str)."
+
+
+def test_eval_py_settings_are_checked_before_the_model_is_loaded():
+    from factory.eval.cli import load_config
+
+    assert load_config(["checkpoint=runs/a/instruct", "batch_size=4", "dtype=bf16"]).batch_size == 4
+    with pytest.raises(FactoryError) as err:
+        load_config(["checkpoint=runs/a/instruct", "batch_size=0", "limit=abc", "imbalance.num_samples=-5"])
+    text = str(err.value)
+    assert text.startswith("The config has 3 problems; nothing was run:")
+    assert "`batch_size` must be an integer >= 1, got 0 (int)." in text
+    assert "`limit` must be an integer >= 1 (or null), got 'abc' (str)." in text
+    assert "`imbalance.num_samples` must be an integer >= 1, got -5 (int)." in text

@@ -33,6 +33,9 @@ def load_config(argv: List[str], defaults: Path = DEFAULTS) -> DictConfig:
         raise FactoryError(f"Unknown setting(s) {unknown} for eval.py. Known keys: {', '.join(base.keys())} "
                            f"(see configs/eval/benchmark.yaml).")
     cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(argv))
+    from factory.config_checks import check_eval_config
+
+    check_eval_config(cfg, defaults)  # types and ranges (batch_size, limit, dtype...), before the model is loaded
     if OmegaConf.is_missing(cfg, "checkpoint"):
         raise FactoryError("eval.py needs checkpoint=<folder> (a <run_dir>/<stage> folder written by train.py).")
     return cfg
