@@ -277,7 +277,7 @@ def test_two_processes_refuse_a_used_folder_together(tmp_path):
     proc = subprocess.run(launch_command("torchrun", overrides, nproc=2), env=child_env(), cwd=str(REPO),
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode != 0
-    assert proc.stderr.count(f"Error: run_dir {run_dir} already holds an earlier run: metrics.jsonl with 1 lines") == 2
+    assert proc.stderr.count(f"Error: run_dir {run_dir} already holds an earlier run: metrics.jsonl with 1 line.") == 2
     assert (run_dir / "metrics.jsonl").read_text().count("\n") == 1 and not (run_dir / run_folder.LOCK_FILE).exists()
     assert not (tmp_path / "world").exists()  # refused before any work: the micro-world was not generated
 

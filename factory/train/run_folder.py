@@ -258,7 +258,7 @@ class FolderContents:
                  for name, steps in self.finished.items()]
         parts += [f"unfinished stage {name} ({where})" for name, where in self.unfinished.items()]
         if self.metrics_lines:
-            parts.append(f"metrics.jsonl with {self.metrics_lines} lines")
+            parts.append(f"metrics.jsonl with {self.metrics_lines} line{'' if self.metrics_lines == 1 else 's'}")
         if self.has_summary:
             parts.append("summary.json")
         parts += self.other
