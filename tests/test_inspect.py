@@ -12,6 +12,7 @@ from factory.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from factory.data import LlavaJsonDataset, get_template
 from factory.data.inspect import main
 from factory.data.templates import encode_conversation
+from factory.errors import FactoryError
 
 N = 3
 
@@ -124,3 +125,63 @@ def test_runs_as_a_module(tmp_path, real_tokenizers):
     assert result.returncode == 0, result.stderr
     row = json.loads(result.stdout)
     assert row["id"] == "img-last" and row["input_ids"].count(IMAGE_TOKEN_INDEX) == 2
+
+
+class FailingTokenizer:
+    """The real tokenizer, except that it fails (as a tokenizer's own code may) on text holding 'BOOM'."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+    def encode(self, text, *args, **kwargs):
+        if "BOOM" in text:
+            raise TypeError("TextEncodeInput must be Union[TextInputSequence, Tuple[InputSequence, InputSequence]]")
+        return self._tokenizer.encode(text, *args, **kwargs)
+
+
+def test_text_and_tokenizer_failures_are_the_entrys_line_with_trainings_message(tmp_path, capsys, real_tokenizers):
+    """A lone surrogate (an emoji cut in half) or any tokenizer failure is that entry's error line, worded as the
+    training loader words it, and the other entries are still reported."""
+    from transformers import AutoTokenizer
+
+    from factory.data.inspect import inspect_entries
+    from factory.data.llava_json import BadSampleError
+
+    entries = [{"id": "cut-emoji", "conversations": turns("Hi \ud83d there", "Hello.")},
+               {"id": "boom", "conversations": turns("Say BOOM", "No.")},
+               GOOD[1]]
+    path = tmp_path / "text.jsonl"
+    path.write_text("\n".join(json.dumps(e) for e in entries) + "\n")  # json writes the lone "\ud83d" escape
+
+    code, rows = run_json(capsys, path, "--template", "vicuna_v1", "--tokenizer", real_tokenizers / "llama")
+    assert code == 1
+    assert [set(row) for row in rows] == [{"id", "error"}, {"id", "input_ids", "labels"}, {"id", "input_ids", "labels"}]
+    assert rows[0] == {"id": "cut-emoji", "error": (
+        f"{path}, line 1 (id 'cut-emoji'): turn 1 (human) holds '\\ud83d' at character 4, a lone UTF-16 surrogate "
+        f"that is not valid Unicode text (often an emoji cut in half by the tool that wrote the file); fix or "
+        f"remove the text.")}
+
+    tok = FailingTokenizer(AutoTokenizer.from_pretrained(str(real_tokenizers / "llama")))
+    template = get_template("vicuna_v1")
+    report = list(inspect_entries(str(path), template, tok, num_image_tokens=N))
+    dataset = LlavaJsonDataset(path, None, tok, template, None, N)
+    for i in (0, 1):  # the sample's message training logs (skip) or raises (error, with the option's note after it)
+        with pytest.raises(BadSampleError) as raised:
+            dataset.tokenize(i)
+        assert report[i]["error"] == str(raised.value)
+        with pytest.raises(FactoryError, match="data.on_bad_sample=error") as raised:
+            dataset[i]
+        assert str(raised.value).startswith(report[i]["error"])
+    assert report[1]["error"] == (
+        f"{path}, line 2 (id 'boom'): the tokenizer cannot encode this entry's text (TypeError: TextEncodeInput must "
+        f"be Union[TextInputSequence, Tuple[InputSequence, InputSequence]]). Fix or remove the entry.")
+    assert report[2]["input_ids"] == dataset[2]["input_ids"].tolist()
+
+    # the text mode shows the same message in the entry's REJECTED block
+    assert main([str(path), "--template", "vicuna_v1", "--tokenizer", str(real_tokenizers / "llama")]) == 1
+    out = capsys.readouterr().out
+    assert f"== id 'cut-emoji': REJECTED\n{rows[0]['error']}\n" in out
+    assert "Traceback" not in out and "3 entries, 2 encoded, 1 rejected" in out

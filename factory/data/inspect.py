@@ -2,8 +2,8 @@
 
     python -m factory.data.inspect DATA_FILE --template NAME --tokenizer DIR_OR_ID [--num-image-tokens N] [--json]
 
-Each entry goes through the training loader's own steps (`read_entries`, `entry_problem`, then
-`encode_conversation`: image first unless --keep-image-placement, the template's pieces, `max_length` truncation when
+Each entry goes through the training loader's own steps (`read_entries`, `entry_problem`, then `encode_entry`:
+the text check and image first unless --keep-image-placement, the template's pieces, `max_length` truncation when
 --max-length is given) with the tokenizer loaded the way training loads it; no image is opened. The text output
 shows every token as its vocabulary piece (so the SentencePiece space piece ``▁`` and ``<0x0A>`` are visible), the
 image span as ``<image>×N`` and the trained spans between ``[[`` and ``]]``. With --json, one object per line:
@@ -19,8 +19,9 @@ import sys
 from typing import Dict, Iterator, List, Optional
 
 from factory.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from factory.data.llava_json import entry_problem, read_entries
-from factory.data.templates import Template, encode_conversation, get_template
+from factory.data.llava_json import (BadSampleError, encode_entry, entry_problem, read_entries,
+                                      rejected_entry_message)
+from factory.data.templates import Template, get_template
 from factory.errors import FactoryError
 
 # LLaVA-1.5's CLIP ViT-L/14-336 gives 576 image tokens; pass the encoder's count to see exact lengths.
@@ -34,17 +35,12 @@ def inspect_entries(json_path: str, template: Template, tokenizer, num_image_tok
         sample_id = entry.get("id") if isinstance(entry, dict) else None
         problem = entry_problem(entry)
         if problem:
-            yield {"id": sample_id, "where": where, "error": f"{where}: {problem}."}
+            yield {"id": sample_id, "where": where, "error": rejected_entry_message(where, entry, problem)}
             continue
-        try:
-            sample = encode_conversation(template, entry["conversations"], tokenizer, num_image_tokens, max_length,
-                                         image_first=image_first)
-        except FactoryError as err:
-            yield {"id": sample_id, "where": where, "error": f"{where}: {err}"}
-            continue
-        except Exception as err:  # the tokenizer's own failures: name the entry rather than stop the report
-            yield {"id": sample_id, "where": where,
-                   "error": f"{where}: the tokenizer cannot encode this entry ({type(err).__name__}: {err})."}
+        try:  # training's own step: a lone surrogate or a tokenizer failure gets training's message
+            sample = encode_entry(entry, where, template, tokenizer, num_image_tokens, max_length, image_first)
+        except BadSampleError as err:
+            yield {"id": sample_id, "where": where, "error": str(err)}
             continue
         if sample.truncated_image:
             yield {"id": sample_id, "where": where,

@@ -159,6 +159,33 @@ def entry_problem(entry) -> Optional[str]:
     return conversation_problem(entry["conversations"], has_image=image is not None)
 
 
+def encode_entry(entry: Dict, where: str, template: Template, tokenizer, num_image_tokens: int,
+                 max_length: Optional[int] = None, image_first: bool = True):
+    """The template's EncodedSample of one valid entry (see `entry_problem`), exactly as training tokenizes it;
+    any failure (text that is not Unicode, the template's or the tokenizer's own errors) is a BadSampleError whose
+    message names `where` (file and line / entry) and the id. Training and `python -m factory.data.inspect` both
+    call this, so they report a bad entry with the same message."""
+    problem = text_problem(entry["conversations"])
+    if problem:
+        raise BadSampleError(f"{where} (id {entry['id']!r}): {problem}.")
+    try:
+        return encode_conversation(template, entry["conversations"], tokenizer, num_image_tokens, max_length,
+                                   image_first=image_first)
+    except FactoryError as err:
+        raise BadSampleError(f"{where} (id {entry['id']!r}): {err}") from None
+    except Exception as err:  # the tokenizer's own errors say nothing about which sample broke it
+        raise BadSampleError(
+            f"{where} (id {entry['id']!r}): the tokenizer cannot encode this entry's text "
+            f"({type(err).__name__}: {err}). Fix or remove the entry."
+        ) from None
+
+
+def rejected_entry_message(where: str, entry, problem: str) -> str:
+    """The message for an entry that `entry_problem` rejects (naming its file, line / entry and id when it has one)."""
+    sample = f" (id {entry['id']!r})" if isinstance(entry, dict) and "id" in entry else ""
+    return f"{where}{sample}: {problem}. Fix or remove this entry."
+
+
 class LlavaJsonDataset(torch.utils.data.Dataset):
     """Map-style dataset of LLaVA conversations; items are
     ``{id, input_ids: LongTensor[T], labels: LongTensor[T], pixel_values: FloatTensor[3,H,W] | None}``."""
@@ -193,8 +220,7 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
         for where, entry in read_entries(self.json_path):
             problem = entry_problem(entry)
             if problem:
-                sample = f" (id {entry['id']!r})" if isinstance(entry, dict) and "id" in entry else ""
-                raise FactoryError(f"{where}{sample}: {problem}. Fix or remove this entry.")
+                raise FactoryError(rejected_entry_message(where, entry, problem))
             self.entries.append(entry)
             self._where.append(where)
         if not self.entries:
@@ -292,20 +318,8 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
 
     def tokenize(self, index: int):
         """The template's EncodedSample; any failure is a BadSampleError naming file, entry and id."""
-        entry = self.entries[index]
-        problem = text_problem(entry["conversations"])
-        if problem:
-            raise BadSampleError(f"{self._where[index]} (id {entry['id']!r}): {problem}.")
-        try:
-            return encode_conversation(self.template, entry["conversations"], self.tokenizer, self.num_image_tokens,
-                                       self.max_length, image_first=self.image_first)
-        except FactoryError as err:
-            raise BadSampleError(f"{self._where[index]} (id {entry['id']!r}): {err}") from None
-        except Exception as err:  # the tokenizer's own errors say nothing about which sample broke it
-            raise BadSampleError(
-                f"{self._where[index]} (id {entry['id']!r}): the tokenizer cannot encode this entry's text "
-                f"({type(err).__name__}: {err}). Fix or remove the entry."
-            ) from None
+        return encode_entry(self.entries[index], self._where[index], self.template, self.tokenizer,
+                            self.num_image_tokens, self.max_length, self.image_first)
 
     def encode(self, index: int) -> Optional[Dict]:
         """The item at `index`, or None when max_length would cut its image span (no substitution, no counting).
