@@ -265,3 +265,21 @@ def test_no_unsafe_load_anywhere_in_the_package():
     found = [f"{path.relative_to(REPO)}:{line}: {what}" for path in sources
              for line, what in unsafe_calls(path.read_text(encoding="utf-8"))]
     assert not found, "\n".join(found)
+
+
+# The tests' own deliberate uses, each with its reason; any other unsafe load in a test fails the scan below.
+TEST_ALLOWED = {
+    ("test_untrusted_files.py", "torch.load without weights_only=True"): "shows the crafted payload is live",
+    ("test_untrusted_files.py", "weights_only=False"): "shows the crafted payload is live",
+    ("test_untrusted_files.py", "trust_remote_code=True hard-coded"): "the explicit opt-in under test",
+    ("test_data.py", "pickle.loads"): "round-trips the test's own collator, as DataLoader workers do",
+}
+
+
+def test_tests_show_the_safe_pattern_too():
+    """Tests are read as examples: they load saved state the safe way (safetensors or weights_only=True), apart from
+    the listed deliberate cases."""
+    found = [f"tests/{path.name}:{line}: {what}" for path in sorted((REPO / "tests").rglob("*.py"))
+             for line, what in unsafe_calls(path.read_text(encoding="utf-8"))
+             if (path.name, what) not in TEST_ALLOWED]
+    assert not found, "\n".join(found)
