@@ -127,6 +127,7 @@ EVAL_RULES: Dict[str, Rule] = {
     "max_new_tokens": _number(lo=1, integer=True, nullable=True),
     "limit": _number(lo=1, integer=True, nullable=True),
     "merge_wait_s": _number(lo=0),
+    "seed": _number(integer=True),
     "skip_missing_images": _boolean(),
     "trust_remote_code": _boolean(),
     "dtype": lambda v: (None if v in (None, "bf16", "bfloat16", "fp16", "float16", "fp32", "float32")

@@ -273,3 +273,38 @@ def test_chat_one_shot_and_interactive_multi_turn(tmp_path, capsys, monkeypatch)
 
     assert main([f"checkpoint={ckpt}", f"image={tmp_path / 'missing.png'}", "question=hi"]) == 2
     assert "missing.png" in capsys.readouterr().err
+
+
+def test_eval_py_seed_reaches_mmmus_random_fallback_and_results(tmp_path, capsys):
+    """eval.py's `seed` is the MMMU official scorer's seed for unparsable answers, recorded in results.json; the
+    metrics equal `python -m factory.eval.score --seed` on the same answers."""
+    from factory.eval.cli import main
+    from factory.eval.score import score_file
+
+    ckpt = _hand_made_checkpoint(tmp_path, tmp_path)
+    questions = [{"question_id": f"q{i}", "text": f"Question {i}: pick one."} for i in range(12)]
+    qfile = tmp_path / "mmmu_questions.jsonl"
+    qfile.write_text("".join(json.dumps(q) + "\n" for q in questions))
+    truth = [{"question_id": f"q{i}", "answer": "ABCD"[i % 4], "question_type": "multiple-choice",
+              "options": str(["red", "green", "blue", "yellow"])} for i in range(12)]
+    annotations = tmp_path / "mmmu.jsonl"
+    annotations.write_text("".join(json.dumps(t) + "\n" for t in truth))
+
+    metrics = {}
+    for seed in (7, 42):
+        out = tmp_path / f"out{seed}"
+        args = [f"checkpoint={ckpt}", "benchmark=mmmu", f"question_file={qfile}", f"annotations={annotations}",
+                f"output_dir={out}", "max_new_tokens=2", "batch_size=12"]
+        assert main(args + ([f"seed={seed}"] if seed != 42 else [])) == 0  # 42 is the default
+        capsys.readouterr()
+        results = json.loads((out / "results.json").read_text())
+        assert results["seed"] == seed and results["metrics"]["seed"] == seed
+        assert results["config"]["eval"]["seed"] == seed
+        assert results["metrics"]["random_guesses"] == 12  # a random tiny model's 2 tokens never name an option
+        assert dict(results["metrics"], benchmark="mmmu") == score_file("mmmu", out / "answers.jsonl", annotations,
+                                                                         seed=seed)
+        metrics[seed] = results["metrics"]["accuracy"]
+    # the guesses differ with the seed (12 guesses among 4 letters; these two seeds give different totals)
+    assert metrics[7] != metrics[42]
+    assert main([f"checkpoint={ckpt}", "seed=abc"]) == 2
+    assert "seed" in capsys.readouterr().err

@@ -70,14 +70,14 @@ def export_answers(bench: Benchmark, predictions: Rows, out_dir: Path, questions
 
 def score_and_export(bench: Benchmark, predictions: Rows, out_dir: Path, annotations: Optional[Path],
                      questions: Optional[Path], submission_questions: Optional[Path],
-                     protocol: str = official.DEFAULT_PROTOCOL) -> Dict[str, Any]:
+                     protocol: str = official.DEFAULT_PROTOCOL, seed: int = official.DEFAULT_SEED) -> Dict[str, Any]:
     """What eval.py adds to results.json: the protocol, the submission file (when the benchmark has one) and the
-    metrics (when there are annotations and the benchmark is scored locally)."""
+    metrics (when there are annotations and the benchmark is scored locally; `seed` goes to a seeded scorer)."""
     out: Dict[str, Any] = {"protocol": official.check_protocol(protocol)}
     if bench.exporter(protocol) is not None:
         out["submission"] = str(export_answers(bench, predictions, out_dir, submission_questions, protocol))
     if annotations is not None and bench.scorer(protocol) is not None:
-        out["metrics"] = score_answers(bench, predictions, Path(annotations), questions, False, protocol)
+        out["metrics"] = score_answers(bench, predictions, Path(annotations), questions, False, protocol, seed)
     return out
 
 

@@ -131,7 +131,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         skip_missing_images=bool(cfg.skip_missing_images),
         submission_questions=Path(cfg.submission_questions) if cfg.submission_questions else None,
         config={"eval": eval_settings, "checkpoint_config": train_cfg}, merge_wait_s=float(cfg.merge_wait_s),
-        identity=checkpoint_identity(checkpoint), protocol=str(cfg.protocol),
+        identity=checkpoint_identity(checkpoint), protocol=str(cfg.protocol), seed=int(cfg.seed),
     )
 
 

@@ -152,17 +152,19 @@ def run_benchmark(model, benchmark: str, question_file: Path, output_dir: Path, 
                   limit: Optional[int] = None, model_id: str = "model", skip_missing_images: bool = False,
                   submission_questions: Optional[Path] = None, config: Optional[Dict[str, Any]] = None,
                   merge_wait_s: float = 3600.0, progress: bool = True,
-                  identity: Optional[Dict[str, str]] = None, protocol: str = "official") -> Optional[Dict[str, Any]]:
+                  identity: Optional[Dict[str, str]] = None, protocol: str = "official",
+                  seed: Optional[int] = None) -> Optional[Dict[str, Any]]:
     """Generate (this rank's shard), then on rank 0 merge, score / export and write results.json (returned).
 
     `identity`: what the model is, for the answer cache (eval.py passes the checkpoint's file hashes); None →
     a fingerprint of the model's config and trained weights. The answers go to `output_dir`, or to its keyed
     sibling when `output_dir` holds answers made with another model or other settings (factory.eval.output_folder);
-    `result["output_dir"]` says which."""
+    `result["output_dir"]` says which. `seed`: the MMMU official scorer's random fallback (None: its default, 42);
+    recorded in results.json."""
     try:
         return _run_benchmark(model, benchmark, question_file, output_dir, image_folder, annotations, batch_size,
                               max_new_tokens, limit, model_id, skip_missing_images, submission_questions, config,
-                              merge_wait_s, progress, identity, protocol)
+                              merge_wait_s, progress, identity, protocol, seed)
     except OSError as err:  # disk full / read-only / permissions while writing answers or results
         explained = write_error(err, Path(output_dir))
         if explained is None:
@@ -172,10 +174,10 @@ def run_benchmark(model, benchmark: str, question_file: Path, output_dir: Path, 
 
 def _run_benchmark(model, benchmark, question_file, output_dir, image_folder, annotations, batch_size,
                    max_new_tokens, limit, model_id, skip_missing_images, submission_questions, config,
-                   merge_wait_s, progress, identity, protocol="official"):
+                   merge_wait_s, progress, identity, protocol="official", seed=None):
     from factory.eval.annotations import load_predictions
     from factory.eval.benchmarks import get_benchmark, score_and_export
-    from factory.eval.official import check_protocol
+    from factory.eval.official import DEFAULT_SEED, check_protocol
 
     bench = get_benchmark(benchmark)
     check_protocol(protocol)  # before generating, not after
@@ -203,8 +205,10 @@ def _run_benchmark(model, benchmark, question_file, output_dir, image_folder, an
     if annotations is None and bench.answers_in_questions:
         annotations = Path(question_file)
     rows = load_predictions(answers)
+    seed = DEFAULT_SEED if seed is None else int(seed)
     result.update(score_and_export(bench, rows, output_dir, annotations, Path(question_file), submission_questions,
-                                   protocol))  # "protocol" (official | lenient), "submission", "metrics"
+                                   protocol, seed))  # "protocol" (official | lenient), "submission", "metrics"
+    result["seed"] = seed
     result["config"] = config or {}
     (output_dir / "results.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
     return result
