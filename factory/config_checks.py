@@ -129,6 +129,7 @@ EVAL_RULES: Dict[str, Rule] = {
     "merge_wait_s": _number(lo=0),
     "seed": _number(integer=True),
     "skip_missing_images": _boolean(),
+    "allow_outside_paths": _boolean(),
     "trust_remote_code": _boolean(),
     "dtype": lambda v: (None if v in (None, "bf16", "bfloat16", "fp16", "float16", "fp32", "float32")
                         else "null or one of bf16, fp16, fp32"),

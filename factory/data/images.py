@@ -36,7 +36,8 @@ def pixel_limit() -> Optional[int]:
 
 
 def resolve_in_folder(image_folder: Optional[str], name: str, allow_outside: bool = False,
-                      context: str = "") -> str:
+                      context: str = "",
+                      opt_in: str = "data.allow_outside_paths=true if the data file is yours") -> str:
     """`image_folder/name`, refused when it leads outside `image_folder` (absolute path, `..`, a symlink whose
     target lies elsewhere) unless `allow_outside`. Both sides are compared after resolving symlinks, so an
     image_folder that is itself a link is fine."""
@@ -53,7 +54,7 @@ def resolve_in_folder(image_folder: Optional[str], name: str, allow_outside: boo
         raise FactoryError(
             f"Image path {name!r}{context} {how}, outside image_folder {folder or '.'}; the factory only opens "
             f"images inside the image folder, so a data file cannot make it read other files. Move the image into "
-            f"the folder, or set data.allow_outside_paths=true if the data file is yours and the layout is meant."
+            f"the folder, or set {opt_in} and the layout is meant."
         )
     return path
 

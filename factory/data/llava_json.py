@@ -34,6 +34,7 @@ import torch
 from factory.data.images import DEFAULT_MAX_ASPECT_RATIO, open_image, resolve_in_folder
 from factory.data.templates import Template, conversation_problem, encode_conversation, get_template
 from factory.errors import FactoryError
+from factory.text_files import read_utf8, surrogate_problem  # read_utf8: re-exported for callers
 
 logger = logging.getLogger(__name__)
 
@@ -67,12 +68,9 @@ def text_problem(conversations) -> Optional[str]:
     """Why the conversation's text cannot be tokenized as Unicode text, or None (lone UTF-16 surrogates, which
     JSON's \\ud83d escapes produce when an emoji was cut in half, make tokenizers fail with unrelated errors)."""
     for number, turn in enumerate(conversations, start=1):
-        try:
-            turn["value"].encode("utf-8")
-        except UnicodeEncodeError as err:
-            return (f"turn {number} ({turn['from']}) holds {err.object[err.start]!r} at character {err.start + 1}, a "
-                    f"lone UTF-16 surrogate that is not valid Unicode text (often an emoji cut in half by the tool "
-                    f"that wrote the file); fix or remove the text")
+        problem = surrogate_problem(turn["value"])
+        if problem:
+            return f"turn {number} ({turn['from']}) {problem}; fix or remove the text"
     return None
 
 
@@ -103,24 +101,6 @@ def read_entries(json_path: str) -> List[tuple]:
                 f"JSONL data file must be one complete JSON object (or use a .json file holding one list)."
             ) from None
     return entries
-
-
-def read_utf8(path: str) -> str:
-    """The file's text; a file that is not UTF-8 is a FactoryError naming the line and column of the first bad byte
-    (not a UnicodeDecodeError with a byte offset only)."""
-    with open(path, "rb") as handle:
-        raw = handle.read()
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line_start = raw.rfind(b"\n", 0, err.start) + 1
-        line = raw.count(b"\n", 0, err.start) + 1
-        column = err.start - line_start + 1
-        raise FactoryError(
-            f"{path} is not UTF-8 text: byte 0x{raw[err.start]:02x} at line {line}, column {column} "
-            f"(byte offset {err.start}) cannot be decoded ({err.reason}). LLaVA data files must be UTF-8; convert "
-            f"it, e.g. `iconv -f latin1 -t utf-8 IN > OUT` if it was written as Latin-1."
-        ) from None
 
 
 def data_options(data_cfg) -> Dict:

@@ -12,16 +12,23 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from factory.errors import FactoryError
+from factory.text_files import read_utf8
 
 
 def read_json_or_jsonl(path: Path, what: str) -> Any:
     """A .json document, or a list of objects for .jsonl (one per line)."""
+    return read_json_or_jsonl_lines(path, what)[0]
+
+
+def read_json_or_jsonl_lines(path: Path, what: str) -> Tuple[Any, Optional[List[int]]]:
+    """(document, line numbers): for JSONL, the rows and the file line of each (messages name the line); for a
+    .json document, (the document, None). A file that is not UTF-8 is a FactoryError naming line and column."""
     path = Path(path)
     if not path.is_file():
         raise FactoryError(f"The {what} file {path} does not exist. Pass the path of an existing file.")
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path, "Question, answer and annotation files")
     if path.suffix == ".jsonl" or (not text.lstrip().startswith(("[", "{")) or _looks_like_jsonl(text)):
-        rows = []
+        rows, lines = [], []
         for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
@@ -30,9 +37,10 @@ def read_json_or_jsonl(path: Path, what: str) -> Any:
             except json.JSONDecodeError as err:
                 raise FactoryError(f"Line {lineno} of the {what} file {path} is not valid JSON ({err.msg}). "
                                    f"Each line of a .jsonl file must be one JSON object.") from None
-        return rows
+            lines.append(lineno)
+        return rows, lines
     try:
-        return json.loads(text)
+        return json.loads(text), None
     except json.JSONDecodeError as err:
         raise FactoryError(f"The {what} file {path} is not valid JSON ({err.msg} at line {err.lineno}).") from None
 

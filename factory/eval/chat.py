@@ -25,6 +25,10 @@ class ChatSession:
         self.turns: List[Dict[str, str]] = []
         self.pixel_values = None
         if image is not None:
+            # the user's own choice of file: not confined to a folder, only checked to be a picture file
+            if Path(image).is_dir():
+                raise FactoryError(f"The image {image} is a folder, not a picture file; pass image=<path to a "
+                                   f"picture>.")
             if not Path(image).is_file():
                 raise FactoryError(f"The image {image} does not exist; pass image=<path to a picture>.")
             pixels = load_pixels(model, None, str(Path(image).resolve()))

@@ -132,12 +132,13 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         submission_questions=Path(cfg.submission_questions) if cfg.submission_questions else None,
         config={"eval": eval_settings, "checkpoint_config": train_cfg}, merge_wait_s=float(cfg.merge_wait_s),
         identity=checkpoint_identity(checkpoint), protocol=str(cfg.protocol), seed=int(cfg.seed),
+        allow_outside_paths=bool(cfg.allow_outside_paths),
     )
 
 
 def run_imbalance(cfg: DictConfig, model, checkpoint: Path, image_folder: Optional[Path],
                   train_cfg: Dict[str, Any], out_dir: Path) -> Dict[str, Any]:
-    from factory.eval.generate import load_questions
+    from factory.eval.generate import check_image_paths, load_questions
     from factory.eval.imbalance import analyze, write_results
     from factory.eval.plots import plot_imbalance
 
@@ -151,7 +152,9 @@ def run_imbalance(cfg: DictConfig, model, checkpoint: Path, image_folder: Option
                                    extra={"num_samples": opts.num_samples, "text_tokens": str(opts.text_tokens),
                                           "label": str(label), "compare": [str(p) for p in opts.compare]})
     out_dir = keyed_output_dir(out_dir, settings)
-    result = analyze(model, load_questions(Path(cfg.question_file)), image_folder, num_samples=opts.num_samples,
+    questions = load_questions(Path(cfg.question_file))
+    check_image_paths(questions, image_folder, bool(cfg.allow_outside_paths))
+    result = analyze(model, questions, image_folder, num_samples=opts.num_samples,
                      max_new_tokens=opts.max_new_tokens, text_tokens=opts.text_tokens, batch_size=opts.batch_size,
                      label=str(label))
     result["checkpoint"] = str(checkpoint)

@@ -10,6 +10,7 @@ import torch
 from factory.constants import IMAGE_MARKER
 from factory.data.templates import image_first_text
 from factory.errors import FactoryError
+from factory.text_files import surrogate_problem
 
 Question = Dict[str, Any]
 
@@ -17,33 +18,57 @@ Question = Dict[str, Any]
 def load_questions(path: Path) -> List[Question]:
     """LLaVA question jsonl rows {question_id, image?, text, ...} or a LLaVA conversation JSON [{id, image?,
     conversations, ...}] (ScienceQA test file, micro-world eval.json). Returns rows with question_id, text, image
-    (None when text-only) and every extra key (answer, category, question_type ...) kept."""
-    from factory.eval.annotations import read_json_or_jsonl
+    (None when text-only) and every extra key (answer, category, question_type ...) kept. Messages name the file,
+    the line (JSONL) or entry (JSON) and the question id."""
+    from factory.eval.annotations import read_json_or_jsonl_lines
 
-    rows = read_json_or_jsonl(Path(path), "questions")
+    rows, lines = read_json_or_jsonl_lines(Path(path), "questions")
     if isinstance(rows, dict):
         rows = rows.get("questions", rows.get("data", list(rows.values())))
+        lines = None
     questions: List[Question] = []
     for i, row in enumerate(rows):
+        where = f"{path}, line {lines[i]}" if lines else f"{path}, entry {i}"
         if not isinstance(row, dict):
-            raise FactoryError(f"Entry {i} of the question file {path} is not an object.")
+            raise FactoryError(f"{where}: a question must be a JSON object, got {type(row).__name__}.")
         qid = row.get("question_id", row.get("id"))
         if "conversations" in row and "text" not in row:
             convs = row["conversations"]
-            if not isinstance(convs, list) or not convs or convs[0].get("from") != "human":
-                raise FactoryError(f"Entry {i} (id {qid}) of {path} has no human first turn in `conversations`.")
-            text = convs[0]["value"]
+            if not isinstance(convs, list) or not convs or not isinstance(convs[0], dict) \
+                    or convs[0].get("from") != "human":
+                raise FactoryError(f"{where} (question id {qid!r}) has no human first turn in `conversations`.")
+            text = convs[0].get("value")
         else:
             text = row.get("text", row.get("question"))
         if qid is None or text is None:
-            raise FactoryError(f"Entry {i} of the question file {path} lacks `question_id` (or `id`) or `text`. "
-                               f"Question files are LLaVA jsonl rows {{question_id, image, text}}.")
-        questions.append(dict(row, question_id=qid, text=str(text), image=row.get("image") or None))
+            raise FactoryError(f"{where} lacks `question_id` (or `id`) or `text`. Question files are LLaVA jsonl "
+                               f"rows {{question_id, image, text}}.")
+        problem = surrogate_problem(str(text))
+        if problem:
+            raise FactoryError(f"{where} (question id {qid!r}): the question text {problem}. Fix or remove the "
+                               f"question.")
+        questions.append(dict(row, question_id=qid, text=str(text), image=row.get("image") or None,
+                              _where=where))  # file and line / entry, for later messages
     ids = [str(q["question_id"]) for q in questions]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise FactoryError(f"question_id {dup} appears more than once in {path}; ids must be unique.")
     return questions
+
+
+def check_image_paths(questions: Sequence[Question], image_folder: Optional[Path],
+                      allow_outside_paths: bool = False) -> None:
+    """Refuse a question whose image lies outside `image_folder` (absolute path, `..`, a symlink leading out), the
+    check training applies to data files (factory.data.images.resolve_in_folder): a question file cannot make eval
+    read other files, unless eval's `allow_outside_paths=true`."""
+    from factory.data.images import resolve_in_folder
+
+    for question in questions:
+        if question.get("image"):
+            resolve_in_folder(str(image_folder) if image_folder else None, str(question["image"]),
+                              allow_outside_paths, f" of question id {question['question_id']!r} "
+                                                   f"({question.get('_where', 'question file')})",
+                              opt_in="allow_outside_paths=true (eval.py) if the question file is yours")
 
 
 def missing_images(questions: Sequence[Question], image_folder: Optional[Path]) -> List[str]:

@@ -16,7 +16,7 @@ import torch
 
 from factory.errors import FactoryError
 from factory.eval import scoring
-from factory.eval.generate import answer_questions, batched, load_questions, missing_images
+from factory.eval.generate import answer_questions, batched, check_image_paths, load_questions, missing_images
 
 QUESTION_TYPES = ("color", "shape", "count", "position", "existence")
 
@@ -64,6 +64,7 @@ def evaluate_microworld(model, eval_json, image_folder, batch_size: int = 16, ma
     questions = load_questions(Path(eval_json))
     if limit is not None:
         questions = questions[: int(limit)]
+    check_image_paths(questions, Path(image_folder))
     missing = missing_images(questions, Path(image_folder))
     if missing:
         raise FactoryError(f"{len(missing)} micro-world image(s) are missing under {image_folder} (e.g. "

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from factory.errors import FactoryError
-from factory.eval.generate import Question, answer_questions, batched, load_questions, missing_images
+from factory.eval.generate import (Question, answer_questions, batched, check_image_paths, load_questions,
+                                   missing_images)
 from factory.eval.output_folder import generation_settings, keyed_output_dir, settings_key, write_error
 
 PART_PREFIX = "answers.part"
@@ -133,9 +134,11 @@ def _note_replaced_selection(answers: Path, question_ids: List[str]) -> None:
 
 
 def select_questions(question_file: Path, image_folder: Optional[Path], limit: Optional[int],
-                     skip_missing_images: bool) -> tuple:
-    """The questions to answer, and how many were dropped for a missing image (only with skip_missing_images)."""
+                     skip_missing_images: bool, allow_outside_paths: bool = False) -> tuple:
+    """The questions to answer, and how many were dropped for a missing image (only with skip_missing_images).
+    Every image path must lie inside `image_folder` unless `allow_outside_paths`."""
     questions = load_questions(Path(question_file))
+    check_image_paths(questions, image_folder, allow_outside_paths)
     if limit is not None:
         questions = questions[: int(limit)]
     missing = set(missing_images(questions, image_folder))
@@ -153,7 +156,7 @@ def run_benchmark(model, benchmark: str, question_file: Path, output_dir: Path, 
                   submission_questions: Optional[Path] = None, config: Optional[Dict[str, Any]] = None,
                   merge_wait_s: float = 3600.0, progress: bool = True,
                   identity: Optional[Dict[str, str]] = None, protocol: str = "official",
-                  seed: Optional[int] = None) -> Optional[Dict[str, Any]]:
+                  seed: Optional[int] = None, allow_outside_paths: bool = False) -> Optional[Dict[str, Any]]:
     """Generate (this rank's shard), then on rank 0 merge, score / export and write results.json (returned).
 
     `identity`: what the model is, for the answer cache (eval.py passes the checkpoint's file hashes); None →
@@ -164,7 +167,8 @@ def run_benchmark(model, benchmark: str, question_file: Path, output_dir: Path, 
     try:
         return _run_benchmark(model, benchmark, question_file, output_dir, image_folder, annotations, batch_size,
                               max_new_tokens, limit, model_id, skip_missing_images, submission_questions, config,
-                              merge_wait_s, progress, identity, protocol, seed)
+                              merge_wait_s, progress, identity, protocol, seed,
+                              allow_outside_paths)
     except OSError as err:  # disk full / read-only / permissions while writing answers or results
         explained = write_error(err, Path(output_dir))
         if explained is None:
@@ -174,7 +178,8 @@ def run_benchmark(model, benchmark: str, question_file: Path, output_dir: Path, 
 
 def _run_benchmark(model, benchmark, question_file, output_dir, image_folder, annotations, batch_size,
                    max_new_tokens, limit, model_id, skip_missing_images, submission_questions, config,
-                   merge_wait_s, progress, identity, protocol="official", seed=None):
+                   merge_wait_s, progress, identity, protocol="official", seed=None,
+                   allow_outside_paths=False):
     from factory.eval.annotations import load_predictions
     from factory.eval.benchmarks import get_benchmark, score_and_export
     from factory.eval.official import DEFAULT_SEED, check_protocol
@@ -182,7 +187,7 @@ def _run_benchmark(model, benchmark, question_file, output_dir, image_folder, an
     bench = get_benchmark(benchmark)
     check_protocol(protocol)  # before generating, not after
     rank, world = dist_env()
-    questions, skipped = select_questions(question_file, image_folder, limit, skip_missing_images)
+    questions, skipped = select_questions(question_file, image_folder, limit, skip_missing_images, allow_outside_paths)
     if not questions:
         raise FactoryError(f"No questions to answer in {question_file} (limit={limit}).")
     max_new_tokens = int(max_new_tokens or bench.max_new_tokens)
