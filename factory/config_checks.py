@@ -110,7 +110,6 @@ RULES: Dict[str, Rule] = {
     "data.on_bad_sample": _choice("error", "skip"),
     "data.max_bad_fraction": _number(lo=0, hi=1),
     "data.max_aspect_ratio": _number(lo=1, nullable=True),
-    "data.image_first": _boolean(),
     "llm.trust_remote_code": _boolean(),
     "data.verify_images": _boolean(),
     "data.allow_outside_paths": _boolean(),

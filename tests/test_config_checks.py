@@ -47,6 +47,19 @@ def test_bad_values_are_named_with_what_is_accepted(override, message):
     assert len(found) == 1 and found[0].startswith(message), found
 
 
+def test_bad_data_options_on_bad_sample_and_max_aspect_ratio():
+    """data.on_bad_sample is error | skip; data.max_aspect_ratio is a number >= 1, or null to turn the limit off."""
+    assert problems("data.on_bad_sample=skip") == [] and problems("data.on_bad_sample=error") == []
+    assert problems("data.max_aspect_ratio=null") == [] and problems("data.max_aspect_ratio=1") == []
+    for override, message in [
+        ("data.on_bad_sample=maybe", "`data.on_bad_sample` must be one of error, skip, got 'maybe' (str)."),
+        ("data.max_aspect_ratio=0.5", "`data.max_aspect_ratio` must be a number >= 1 (or null), got 0.5 (float)."),
+        ("data.max_aspect_ratio=abc", "`data.max_aspect_ratio` must be a number >= 1 (or null), got 'abc' (str)."),
+    ]:
+        found = problems(override)
+        assert len(found) == 1 and found[0].startswith(message), (override, found)
+
+
 def test_a_key_nothing_reads_is_an_error_with_the_keys_nearby():
     found = problems("+trainer.lr=0.5")
     assert len(found) == 1
