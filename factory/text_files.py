@@ -3,14 +3,16 @@ file must be UTF-8, and a text must be valid Unicode (no lone UTF-16 surrogates)
 the scoring command can use it."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 from factory.errors import FactoryError
 
 
-def read_utf8(path, kind: str = "LLaVA data files") -> str:
+def read_utf8(path, kind: str = "LLaVA data files",
+              name_line: Optional[Callable[[bytes], Optional[str]]] = None) -> str:
     """The file's text; a file that is not UTF-8 is a FactoryError naming the line and column of the first bad byte
-    (not a UnicodeDecodeError with a byte offset only). `kind` names the files in the advice ("... must be UTF-8")."""
+    (not a UnicodeDecodeError with a byte offset only). `kind` names the files in the advice ("... must be UTF-8");
+    `name_line(raw bytes of the bad line)` may name what that line holds (e.g. "question id 'q7'")."""
     with open(path, "rb") as handle:
         raw = handle.read()
     try:
@@ -19,8 +21,11 @@ def read_utf8(path, kind: str = "LLaVA data files") -> str:
         line_start = raw.rfind(b"\n", 0, err.start) + 1
         line = raw.count(b"\n", 0, err.start) + 1
         column = err.start - line_start + 1
+        line_end = raw.find(b"\n", err.start)
+        named = name_line(raw[line_start:line_end if line_end >= 0 else len(raw)]) if name_line else None
+        holds = f" ({named})" if named else ""
         raise FactoryError(
-            f"{path} is not UTF-8 text: byte 0x{raw[err.start]:02x} at line {line}, column {column} "
+            f"{path} is not UTF-8 text: byte 0x{raw[err.start]:02x} at line {line}{holds}, column {column} "
             f"(byte offset {err.start}) cannot be decoded ({err.reason}). {kind} must be UTF-8; convert "
             f"it, e.g. `iconv -f latin1 -t utf-8 IN > OUT` if it was written as Latin-1."
         ) from None

@@ -39,9 +39,14 @@ def test_question_file_not_utf8_names_file_line_and_column(tmp_path):
     with pytest.raises(FactoryError) as err:
         load_questions(path)
     assert str(err.value) == (
-        f"{path} is not UTF-8 text: byte 0xe9 at line 2, column 32 (byte offset 64) cannot be decoded (invalid "
-        f"continuation byte). Question, answer and annotation files must be UTF-8; convert it, e.g. `iconv -f "
-        f"latin1 -t utf-8 IN > OUT` if it was written as Latin-1.")
+        f"{path} is not UTF-8 text: byte 0xe9 at line 2 (question id 2), column 32 (byte offset 64) cannot be "
+        f"decoded (invalid continuation byte). Question, answer and annotation files must be UTF-8; convert it, e.g. "
+        f"`iconv -f latin1 -t utf-8 IN > OUT` if it was written as Latin-1.")
+    # a JSON document (not one row per line) names line and column only
+    doc = tmp_path / "q.json"
+    doc.write_bytes(b'[{"question_id": 1,\n  "text": "caf\xe9"}]')
+    with pytest.raises(FactoryError, match=r"q.json is not UTF-8 text: byte 0xe9 at line 2, column 15 "):
+        load_questions(doc)
 
 
 @pytest.mark.parametrize("layout", ["jsonl", "json"])

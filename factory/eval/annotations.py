@@ -26,7 +26,7 @@ def read_json_or_jsonl_lines(path: Path, what: str) -> Tuple[Any, Optional[List[
     path = Path(path)
     if not path.is_file():
         raise FactoryError(f"The {what} file {path} does not exist. Pass the path of an existing file.")
-    text = read_utf8(path, "Question, answer and annotation files")
+    text = read_utf8(path, "Question, answer and annotation files", _question_id_of_line)
     if path.suffix == ".jsonl" or (not text.lstrip().startswith(("[", "{")) or _looks_like_jsonl(text)):
         rows, lines = [], []
         for lineno, line in enumerate(text.splitlines(), 1):
@@ -43,6 +43,16 @@ def read_json_or_jsonl_lines(path: Path, what: str) -> Tuple[Any, Optional[List[
         return json.loads(text), None
     except json.JSONDecodeError as err:
         raise FactoryError(f"The {what} file {path} is not valid JSON ({err.msg} at line {err.lineno}).") from None
+
+
+def _question_id_of_line(raw: bytes) -> Optional[str]:
+    """"question id 'q7'" when the undecodable line is one JSON row with an id (JSONL), else None."""
+    try:
+        row = json.loads(raw.decode("utf-8", errors="replace"))
+    except ValueError:
+        return None
+    qid = row.get("question_id", row.get("id")) if isinstance(row, dict) else None
+    return f"question id {qid!r}" if qid is not None else None
 
 
 def _looks_like_jsonl(text: str) -> bool:
