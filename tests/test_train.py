@@ -3,6 +3,7 @@ the batch plan, and exact resume."""
 import json
 
 import pytest
+import yaml
 import torch
 
 from factory.train import checkpoint as ckpt
@@ -58,6 +59,9 @@ def test_stage_checkpoints_layout(two_stage_run):
         assert {p.name for p in folder.iterdir()} >= {"config.yaml", "trainable.safetensors", "meta.json"}
         meta = json.loads((folder / "meta.json").read_text())
         assert meta["stage"] == stage and meta["complete"] and meta["image_token_count"] == 16
+        # provenance of how prompts were built, even when the data config does not name data.image_first (as here)
+        assert meta["image_first"] is True
+        assert "image_first" not in yaml.safe_load((folder / "config.yaml").read_text())["data"]
     assert json.loads((run_dir / "pretrain" / "meta.json").read_text())["template"] == "plain"
     assert json.loads((run_dir / "instruct" / "meta.json").read_text())["template"] == "phi"
     # stage 1 saves only the connector; stage 2 (full tuning) the connector and the LLM, never the vision tower
@@ -219,3 +223,19 @@ def test_stage_model_is_seeded(world, tmp_path):
     assert any("mores" in k for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.parametrize("data, expected", [({"image_first": False}, False), ({"image_first": True}, True),
+                                            ({}, True)])
+def test_stage_meta_records_the_image_placement_training_used(data, expected):
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from factory.train.loop import stage_meta
+
+    cfg = OmegaConf.create({"tuner": {"name": "full"}, "vision": {}, "llm": {}, "data": data})
+    spec = SimpleNamespace(name="instruct", template="phi", tune={"llm": "full"})
+    plan = SimpleNamespace(steps_per_epoch=1, num_samples=8, global_batch_size=8)
+    meta = stage_meta(spec, cfg, SimpleNamespace(image_token_count=4), plan, step=1, total_steps=1)
+    assert meta["image_first"] is expected

@@ -78,6 +78,9 @@ def stage_meta(spec: StageSpec, cfg: Any, model: Any, plan: BatchPlan, step: int
         "step": step, "total_steps": total_steps, "complete": step >= total_steps,
         "steps_per_epoch": plan.steps_per_epoch, "num_samples": plan.num_samples,
         "global_batch_size": plan.global_batch_size, "bad_samples": bad_samples,
+        # how prompts were built (<image> moved first or kept in place): config.yaml holds data.image_first only
+        # when the data config names it, while training then uses its default (true), so the fact is recorded here
+        "image_first": (cfg.get("data") or {}).get("image_first", True) is not False,
     }
 
 
