@@ -4,8 +4,7 @@ import torch
 
 from factory.errors import FactoryError
 from factory.testing import tiny_model
-from factory.tuners import apply_tuning, count_parameters, merge_for_export
-from factory.tuners.freeze import STAGE_TUNE
+from factory.tuners import apply_tuning, count_parameters, merge_for_export, stage_presets
 from tests.test_mores import make_batch
 
 D, F, L = 64, 256, 2  # tiny_model: hidden 64, FFN 4·64, 2 layers
@@ -69,11 +68,11 @@ def test_ia3_and_adapter_targets_follow_the_architecture():
 
 def test_frozen_full_and_stage_presets():
     model = tiny_model()
-    report = apply_tuning(model, SMALL["mores"], tune=STAGE_TUNE["pretrain"])
+    report = apply_tuning(model, SMALL["mores"], tune=stage_presets()["pretrain"])
     assert report["trainable_llm"] == 0 and report["trainable_vision"] == 0
     assert report["trainable_total"] == report["trainable_connector"] == count_parameters(model.connector)
     assert not hasattr(model.llm, "mores")  # stage 1 does not attach the tuner yet
-    report = apply_tuning(model, SMALL["mores"], tune=STAGE_TUNE["instruct"])
+    report = apply_tuning(model, SMALL["mores"], tune=stage_presets()["instruct"])
     assert report["trainable_llm"] == L * (2 * D + 1)
     ids, mask, pixels, _ = make_batch(model)
     model.eval()
@@ -156,7 +155,7 @@ def test_loss_falls_training_only_the_tuner(tuner, lr, drop):
     torch.manual_seed(0)
     model = tiny_model(llm="phi")
     # connector frozen: only the tuner can lower the loss (with tuner=frozen only the connector trains)
-    apply_tuning(model, SMALL[tuner], tune=STAGE_TUNE["instruct"] if tuner == "frozen" else ONLY_LLM)
+    apply_tuning(model, SMALL[tuner], tune=stage_presets()["instruct"] if tuner == "frozen" else ONLY_LLM)
     losses = _train(model, make_batch(model, seed=3), steps=8, lr=lr)
     assert losses[-1] < losses[0] - drop, losses
 
@@ -186,7 +185,7 @@ def test_stage_plan_accepts_exactly_the_tune_types_apply_tuning_supports():
     connector=tuner is not, and a left-out component is frozen."""
     from omegaconf import OmegaConf
 
-    from factory.train.stages import tune_for_stage
+    from factory.stages import tune_for_stage
 
     cfg = OmegaConf.create({"stage": {"instruct": {"tune": {"vision": "lora", "connector": "full", "llm": "tuner"}},
                                       "pretrain": {"tune": {"connector": "full"}}}})
@@ -195,3 +194,55 @@ def test_stage_plan_accepts_exactly_the_tune_types_apply_tuning_supports():
     cfg.stage.instruct.tune.connector = "tuner"
     with pytest.raises(FactoryError, match=r"stage\.instruct\.tune\.connector='tuner'"):
         tune_for_stage(cfg, "instruct")
+
+
+def test_stage_presets_equal_the_stage_yaml():
+    """apply_tuning's default tune (the instruct preset) is the same as configs/stage, the source of truth."""
+    from factory.config import compose
+    from factory.stages import tune_for_stage
+
+    cfg = compose(["stage=all"])
+    assert {stage: tune_for_stage(cfg, stage) for stage in ("pretrain", "instruct")} == stage_presets()
+
+
+@pytest.mark.parametrize("cfg,message", [
+    ({"name": "mores", "rank": "abc"}, "tuner.rank='abc' is not valid for the 'mores' tuner: it must be an integer"),
+    ({"name": "mores", "rank": True}, "tuner.rank=True is not valid"),
+    ({"name": "mores", "rank": 0}, "tuner.rank=0 is not valid for the 'mores' tuner: it must be >= 1"),
+    ({"name": "mores", "modality": "audio"}, "it must be one of vision, text"),
+    ({"name": "lora", "rnak": 2}, r"unknown key\(s\) \['rnak'\]. Accepted keys: r, alpha, dropout, target_modules"),
+    ({"name": "lora", "target_modules": 5}, "it must be a string or a list of strings or null"),
+    ({"name": "oft", "coft": "yes"}, "tuner.coft='yes' is not valid for the 'oft' tuner: it must be true or false"),
+    ({"name": "adapter", "dropout": 1.0}, "tuner.dropout=1.0 .* it must be >= 0 and < 1"),
+    ({"name": "frozen", "rank": 1}, r"unknown key\(s\) \['rank'\]. Accepted keys: \(none\)"),
+    ({"name": "lora", "vision_lora": {"r": "x"}}, "tuner.vision_lora.r='x' is not valid"),
+    ({"name": "lora", "vision_lora": {"rank": 2}}, r"tuner.vision_lora has unknown key\(s\) \['rank'\]"),
+])
+def test_typed_options_reject_bad_values_with_the_key_named(cfg, message):
+    from factory.tuners import validate_tuner_options
+
+    with pytest.raises(FactoryError, match=message):
+        validate_tuner_options(cfg)
+
+
+def test_typed_options_parse_to_dataclasses():
+    from factory.tuners import validate_tuner_options
+    from factory.tuners.mores import MoReSOptions
+    from factory.tuners.peft_tuners import LoraOptions
+
+    assert validate_tuner_options({"name": "mores", "rank": 2, "layers": [0, 1]}) == \
+        MoReSOptions(rank=2, layers=[0, 1])
+    lora = validate_tuner_options({"name": "lora", "alpha": 16, "dropout": 0})
+    assert lora == LoraOptions(alpha=16, dropout=0.0) and isinstance(lora.dropout, float)
+
+
+def test_config_checks_run_the_tuner_options_at_compose_time():
+    """train.py's config check reports a bad tuner option before anything is built."""
+    from factory.config import compose
+    from factory.config_checks import check_config
+
+    with pytest.raises(FactoryError, match="tuner.target_modules=5 is not valid for the 'lora' tuner"):
+        check_config(compose(["tuner=lora", "tuner.target_modules=5"]))
+    with pytest.raises(FactoryError, match=r"tuner.layers=\['a', 'b'\] .* a string or an integer or a list of integers"):
+        check_config(compose(["tuner=mores", "tuner.layers=[a,b]"]))
+    check_config(compose(["tuner=mores_h"]))  # a valid one passes

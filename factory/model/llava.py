@@ -6,15 +6,28 @@ connector outputs: image k of the batch fills the k-th run of placeholders, in r
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
 
 from factory.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from factory.errors import FactoryError
+from factory.model.hf_cache import cache_argument, output_cache
+
+
+@dataclass
+class LlavaOutput(ModelOutput):
+    """LlavaModel's output. `cache` is the LLM's KV cache, named as transformers ≥ 5.24 names it on every
+    supported version (pass it back as `cache=` for the next decode step)."""
+
+    loss: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+    cache: Any = None
+    attentions: Optional[Tuple[torch.Tensor, ...]] = None
 
 
 def positions_from_mask(attention_mask: torch.Tensor, length: int) -> torch.LongTensor:
@@ -92,8 +105,8 @@ class LlavaModel(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 pixel_values: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
-                position_ids: Optional[torch.Tensor] = None, past_key_values: Any = None, use_cache: bool = False,
-                output_attentions: bool = False) -> CausalLMOutputWithPast:
+                position_ids: Optional[torch.Tensor] = None, cache: Any = None, use_cache: bool = False,
+                output_attentions: bool = False) -> LlavaOutput:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         inputs_embeds = self.embed(input_ids, pixel_values)
@@ -103,11 +116,10 @@ class LlavaModel(nn.Module):
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, input_ids.shape[1])
         out = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                       past_key_values=past_key_values, use_cache=use_cache, output_attentions=output_attentions,
-                       return_dict=True)
+                       use_cache=use_cache, output_attentions=output_attentions, return_dict=True,
+                       **{cache_argument(self.llm): cache})
         loss = causal_lm_loss(out.logits, labels) if labels is not None else None
-        return CausalLMOutputWithPast(loss=loss, logits=out.logits, past_key_values=out.past_key_values,
-                                      attentions=out.attentions)
+        return LlavaOutput(loss=loss, logits=out.logits, cache=output_cache(out), attentions=out.attentions)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -141,8 +153,7 @@ class LlavaModel(nn.Module):
                 if all(finished) or step == max_new_tokens - 1:
                     break
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
-                out = self.forward(next_tokens[:, None], attention_mask, past_key_values=out.past_key_values,
-                                   use_cache=True)
+                out = self.forward(next_tokens[:, None], attention_mask, cache=out.cache, use_cache=True)
         finally:
             self.train(was_training)
         return generated

@@ -2,36 +2,61 @@
 
     report = apply_tuning(model, cfg.tuner, tune={"vision": "frozen", "connector": "full", "llm": "tuner"})
 
-freezes the whole LlavaModel, then makes each component trainable per its tune type (factory.tuners.freeze); with
-llm=tuner the configured tuner (TUNERS registry: frozen, full, mores, lora, ia3, oft, adapter) is attached to
-`model.llm` (once: calling apply_tuning again — e.g. stage 2 after stage 1, or when reloading — reuses it).
-The report counts trainable parameters per component; `trainable_llm` counts only parameters inside the LLM, which
-is the paper's TP*.
+freezes the whole LlavaModel, then makes each component trainable per its tune type (factory.tuners.tune_types);
+with llm=tuner the configured tuner (TUNERS registry; `tuner_names()` lists them) is attached to `model.llm` (once:
+calling apply_tuning again — e.g. stage 2 after stage 1, or when reloading — reuses it). The report counts trainable
+parameters per component; `trainable_llm` counts only parameters inside the LLM, which is the paper's TP*.
+
+Every module of this package is imported here (pkgutil), so a tuner registers itself just by living in a file of
+the package: there is no import list to keep (docs/tuners.md, "Adding a tuner").
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional
+import importlib
+import pkgutil
+from typing import Any, Dict, List, Mapping, Optional
 
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from factory.errors import FactoryError
 from factory.registry import TUNERS
-from factory.tuners import adapter, freeze, mores, peft_tuners  # noqa: F401  (registers the tuners)
 from factory.tuners.base import Tuner
-from factory.tuners.freeze import STAGE_TUNE, check_tune, tune_connector, tune_vision
+from factory.tuners.tune_types import STAGE_TUNE, TUNE_TYPES, check_tune
+from factory.tuners.vision_lora import VisionLoraOptions, add_vision_lora, vision_lora_options
+
+TUNER_MODULES: List[str] = [f"{__name__}.{info.name}" for info in pkgutil.iter_modules(__path__)]
+for _module in TUNER_MODULES:
+    importlib.import_module(_module)
 
 
 def _plain(cfg: Any) -> Dict[str, Any]:
     if cfg is None:
         return {"name": "frozen"}
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a hard dependency
-        pass
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
     return dict(cfg)
+
+
+def tuner_names() -> List[str]:
+    """The registered tuner names (the values `tuner.name` may take)."""
+    return TUNERS.names()
+
+
+def tune_types() -> Dict[str, tuple]:
+    """{component: the tune types it accepts} (vision, connector, llm)."""
+    return {component: tuple(types) for component, types in TUNE_TYPES.items()}
+
+
+def stage_presets() -> Dict[str, Dict[str, str]]:
+    """{stage: tune} of the two stages' defaults (the values of configs/stage)."""
+    return {stage: dict(tune) for stage, tune in STAGE_TUNE.items()}
+
+
+def all_frozen() -> Dict[str, str]:
+    """{component: "frozen"} for every component a stage can tune: the base that `stage.<name>.tune` updates
+    (the public face of the tune-type table, for the stage planner)."""
+    return {component: "frozen" for component in TUNE_TYPES}
 
 
 def build_tuner(tuner_cfg: Any) -> Tuner:
@@ -41,6 +66,15 @@ def build_tuner(tuner_cfg: Any) -> Tuner:
     if "name" not in cfg:
         raise FactoryError("The tuner config has no `name` key; pick a file from configs/tuner (e.g. tuner=mores).")
     return TUNERS.get(cfg["name"])(cfg)
+
+
+def validate_tuner_options(tuner_cfg: Any) -> Any:
+    """Check the `tuner` config node (name, every option's key and type, `vision_lora`) without building a model;
+    returns the tuner's typed options. Raises one FactoryError naming the bad key (config checks call this)."""
+    plain = _plain(tuner_cfg)
+    tuner = build_tuner(plain)
+    vision_lora_options(plain.get("vision_lora") or {}, tuner.name)
+    return tuner.options
 
 
 def count_parameters(module: Optional[nn.Module], trainable_only: bool = False) -> int:
@@ -57,14 +91,13 @@ def count_parameters(module: Optional[nn.Module], trainable_only: bool = False) 
 
 
 def tuning_report(model: nn.Module) -> Dict[str, int]:
-    report = {
+    return {
         "trainable_llm": count_parameters(model.llm, True),
         "trainable_connector": count_parameters(model.connector, True),
         "trainable_vision": count_parameters(model.vision, True),
         "trainable_total": count_parameters(model, True),
         "total": count_parameters(model),
     }
-    return report
 
 
 def apply_tuning(model: nn.Module, tuner_cfg: Any, tune: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
@@ -73,9 +106,14 @@ def apply_tuning(model: nn.Module, tuner_cfg: Any, tune: Optional[Mapping[str, s
     tune = check_tune(tune if tune is not None else STAGE_TUNE["instruct"])
     plain = _plain(tuner_cfg)
     tuner = build_tuner(plain)
+    vision_lora: VisionLoraOptions = vision_lora_options(plain.get("vision_lora") or {}, tuner.name)
     model.requires_grad_(False)
-    tune_vision(model, tune["vision"], plain.get("vision_lora") or {})
-    tune_connector(model, tune["connector"])
+    if tune["vision"] == "full":
+        model.vision.requires_grad_(True)
+    elif tune["vision"] == "lora":
+        add_vision_lora(model, vision_lora)
+    if tune["connector"] == "full":
+        model.connector.requires_grad_(True)
     if tune["llm"] == "full":
         model.llm.requires_grad_(True)
     elif tune["llm"] == "tuner":
@@ -104,4 +142,6 @@ def merge_for_export(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["apply_tuning", "build_tuner", "count_parameters", "merge_for_export", "tuning_report", "STAGE_TUNE"]
+__all__ = ["all_frozen", "apply_tuning", "build_tuner", "check_tune", "count_parameters", "merge_for_export",
+           "stage_presets", "tune_types", "tuner_names", "tuning_report", "validate_tuner_options", "STAGE_TUNE",
+           "TUNER_MODULES"]

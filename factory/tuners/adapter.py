@@ -13,14 +13,16 @@ projection, so the LLM's own modules and parameter names stay unchanged.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict
 
 import torch
 from torch import nn
 
 from factory.errors import FactoryError
-from factory.registry import TUNERS
-from factory.tuners.base import Tuner, hidden_size, llm_arch, llm_layers, module_device
+from factory.tuners.arch import hidden_size, llm_arch, llm_layers, module_device
+from factory.tuners.base import Tuner, register_tuner
+from factory.tuners.options import in_range, one_of
 
 ACTIVATIONS: Dict[str, type] = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 
@@ -50,10 +52,22 @@ class BottleneckAdapter(nn.Module):
         return self(output)
 
 
-@TUNERS.register("adapter")
+@dataclass(frozen=True)
+class AdapterOptions:
+    bottleneck: int = 256
+    activation: str = "tanh"
+    dropout: float = 0.0
+
+    def check(self, tuner: str) -> None:
+        in_range(tuner, "bottleneck", self.bottleneck, low=1)
+        one_of(tuner, "activation", self.activation, tuple(ACTIVATIONS))
+        in_range(tuner, "dropout", self.dropout, low=0, high=1, high_open=True)
+
+
+@register_tuner
 class AdapterTuner(Tuner):
     name = "adapter"
-    options = {"bottleneck": 256, "activation": "tanh", "dropout": 0.0}
+    Options = AdapterOptions
 
     def _sites(self, model: nn.Module):
         """(projection module, side) for every adapter position, in layer order."""
@@ -67,7 +81,7 @@ class AdapterTuner(Tuner):
                 if not isinstance(proj, nn.Module):
                     raise FactoryError(
                         f"tuner=adapter expected decoder layer {index} to have {arch.mlp}.{name}; this LLM's layout "
-                        f"differs from its architecture entry in factory/tuners/base.py:ARCH_MODULES."
+                        f"differs from its architecture entry in factory/tuners/arch.py:ARCH_MODULES."
                     )
                 sites.append((proj, side))
         return sites
@@ -79,8 +93,8 @@ class AdapterTuner(Tuner):
         hidden = hidden_size(model.llm)
         with torch.device(module_device(model.llm)):
             for proj, side in self._sites(model):
-                adapter = BottleneckAdapter(hidden, int(self.cfg["bottleneck"]), str(self.cfg["activation"]),
-                                            float(self.cfg["dropout"]))
+                adapter = BottleneckAdapter(hidden, self.options.bottleneck, self.options.activation,
+                                            self.options.dropout)
                 proj.add_module("adapter", adapter)
                 if side == "input":
                     proj.register_forward_pre_hook(adapter.on_input)

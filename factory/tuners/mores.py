@@ -24,7 +24,8 @@ answer through the KV cache).
 from __future__ import annotations
 
 from functools import partial
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Union
 
 import contextlib
 
@@ -33,8 +34,9 @@ from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
 from factory.errors import FactoryError
-from factory.registry import TUNERS
-from factory.tuners.base import Tuner, hidden_size, llm_layers, module_device
+from factory.tuners.arch import hidden_size, llm_layers, module_device
+from factory.tuners.base import Tuner, register_tuner
+from factory.tuners.options import in_range, one_of
 from factory.tuners.mores_positions import parse_layers, parse_positions, select_positions
 
 
@@ -164,27 +166,32 @@ class MoReS(nn.Module):
             return (self.steer(key, output[0]),) + tuple(output[1:])
         return self.steer(key, output)
 
-    def export(self) -> Dict[str, torch.Tensor]:
-        """The materialised per-layer R (D×d), W (d×D), b (d) — for inspection/export; training saves the params."""
-        out = {}
-        with torch.no_grad():
-            for key, module in self.interventions.items():
-                out[f"layer{key}.R"] = module.rotation().detach().clone()
-                out[f"layer{key}.W"] = module.project.weight.detach().float().clone()
-                out[f"layer{key}.b"] = module.project.bias.detach().float().clone()
-        return out
-
     def extra_repr(self) -> str:
         return (f"rank={self.rank}, layers={self.layer_ids}, positions={self.positions_spec!r}, "
                 f"modality={self.modality!r}")
 
 
-@TUNERS.register("mores")
+@dataclass(frozen=True)
+class MoReSOptions:
+    rank: int = 1                                  # subspace dimension d
+    layers: Union[str, int, List[int]] = "all"     # all | [0, 5, 9] | every_2nd | "0-15" (mores_positions)
+    positions: str = "f4+l5"                       # fN+lM | fN | lM | ratio=r | all (mores_positions)
+    modality: str = "vision"                       # vision | text
+    dropout: float = 0.05
+
+    def check(self, tuner: str) -> None:
+        in_range(tuner, "rank", self.rank, low=1)
+        one_of(tuner, "modality", self.modality, ("vision", "text"))
+        in_range(tuner, "dropout", self.dropout, low=0, high=1, high_open=True)
+        parse_positions(self.positions)  # its own FactoryError names tuner.positions
+
+
+@register_tuner
 class MoReSTuner(Tuner):
     """`tuner=mores` (MoReS-B, d=1); `mores_l` (d=2) and `mores_h` (d=4) are the same tuner with another rank."""
 
     name = "mores"
-    options = {"rank": 1, "layers": "all", "positions": "f4+l5", "modality": "vision", "dropout": 0.05}
+    Options = MoReSOptions
 
     def is_attached(self, model: nn.Module) -> bool:
         return isinstance(getattr(model.llm, "mores", None), MoReS)
@@ -192,11 +199,11 @@ class MoReSTuner(Tuner):
     def attach(self, model: nn.Module) -> None:
         llm = model.llm
         layers = llm_layers(llm)
-        cfg = self.cfg
-        ids = parse_layers(cfg["layers"], len(layers))
+        opts = self.options
+        ids = parse_layers(opts.layers, len(layers))
         with torch.device(module_device(llm)):
-            mores = MoReS(hidden_size(llm), ids, rank=int(cfg["rank"]), positions=cfg["positions"],
-                          modality=cfg["modality"], dropout=float(cfg["dropout"]))
+            mores = MoReS(hidden_size(llm), ids, rank=opts.rank, positions=opts.positions, modality=opts.modality,
+                          dropout=opts.dropout)
         llm.add_module("mores", mores)  # inside the LLM: its parameters are the LLM's TP*
         mores.attach(layers)
         observers = getattr(model, "batch_observers", None)

@@ -1,7 +1,7 @@
 """LoRA, IA3 and OFT through PEFT (`peft.get_peft_model`), with the paper's settings as defaults.
 
 The LLM is wrapped in place: `model.llm` becomes a `PeftModelForCausalLM` (factory.model.llms.decoder_layers sees
-through it). Target modules are the projection names of the LLM's architecture (factory.tuners.base.ARCH_MODULES,
+through it). Target modules are the projection names of the LLM's architecture (factory.tuners.arch.ARCH_MODULES,
 chosen by `config.model_type`), or `target_modules` from the config when given:
   lora: every linear of the LLM (attention q/k/v/out and all MLP projections), never lm_head
   ia3:  k, v and the FFN down projection (fc2 | down_proj), the latter as a feed-forward module (scales its input)
@@ -14,14 +14,18 @@ about half. Both describe the same family of rotations; docs/params.md lists bot
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from dataclasses import dataclass
+from typing import List, Optional, Union
 
 import torch
 from torch import nn
 
 from factory.errors import FactoryError
-from factory.registry import TUNERS
-from factory.tuners.base import Tuner, llm_arch, module_device
+from factory.tuners.arch import llm_arch, module_device
+from factory.tuners.base import Tuner, register_tuner
+from factory.tuners.options import in_range, option_error
+
+ModuleNames = Optional[Union[str, List[str]]]  # null: per LLM architecture; or module names inside a decoder layer
 
 
 def _is_peft(llm: nn.Module) -> bool:
@@ -37,16 +41,16 @@ class PeftTuner(Tuner):
         raise NotImplementedError
 
     def targets(self, model: nn.Module, default: List[str]) -> List[str]:
-        given = self.cfg.get("target_modules")
+        given = self.options.target_modules
         if given:
-            return [str(x) for x in ([given] if isinstance(given, str) else given)]
+            return [given] if isinstance(given, str) else list(given)
         return default
 
     def is_attached(self, model: nn.Module) -> bool:
         return _is_peft(model.llm)
 
     def attach(self, model: nn.Module) -> None:
-        from peft import get_peft_model
+        from peft import get_peft_model  # peft is slow to import: only a PEFT tuner in use loads it
 
         config = self.peft_config(model)
         # Build the new adapter weights directly where the LLM lives (meta for counting: no memory, no init cost).
@@ -74,32 +78,52 @@ class PeftTuner(Tuner):
         model.llm = model.llm.merge_and_unload()
 
 
-@TUNERS.register("lora")
+@dataclass(frozen=True)
+class LoraOptions:
+    r: int = 128
+    alpha: int = 256
+    dropout: float = 0.05
+    target_modules: ModuleNames = None
+
+    def check(self, tuner: str) -> None:
+        in_range(tuner, "r", self.r, low=1)
+        in_range(tuner, "alpha", self.alpha, low=1)
+        in_range(tuner, "dropout", self.dropout, low=0, high=1, high_open=True)
+
+
+@register_tuner
 class LoraTuner(PeftTuner):
     name = "lora"
+    Options = LoraOptions
     param_marker = "lora_"
-    options = {"r": 128, "alpha": 256, "dropout": 0.05, "target_modules": None}
 
     def peft_config(self, model: nn.Module):
-        from peft import LoraConfig
+        from peft import LoraConfig  # peft is slow to import: only a PEFT tuner in use loads it
 
-        default = llm_arch(model.llm, self.name).all_linear if not self.cfg.get("target_modules") else []
-        return LoraConfig(r=int(self.cfg["r"]), lora_alpha=int(self.cfg["alpha"]), lora_dropout=float(self.cfg["dropout"]),
+        opts = self.options
+        default = llm_arch(model.llm, self.name).all_linear if not opts.target_modules else []
+        return LoraConfig(r=opts.r, lora_alpha=opts.alpha, lora_dropout=opts.dropout,
                           target_modules=self.targets(model, default), bias="none", task_type="CAUSAL_LM")
 
 
-@TUNERS.register("ia3")
+@dataclass(frozen=True)
+class IA3Options:
+    target_modules: ModuleNames = None
+    feedforward_modules: ModuleNames = None  # with explicit target_modules: which of them scale their input
+
+
+@register_tuner
 class IA3Tuner(PeftTuner):
     name = "ia3"
+    Options = IA3Options
     param_marker = "ia3_"
-    options = {"target_modules": None, "feedforward_modules": None}
 
     def peft_config(self, model: nn.Module):
-        from peft import IA3Config
+        from peft import IA3Config  # peft is slow to import: only a PEFT tuner in use loads it
 
-        if self.cfg.get("target_modules"):
+        if self.options.target_modules:
             targets = self.targets(model, [])
-            feedforward = self.cfg.get("feedforward_modules") or []
+            feedforward = self.options.feedforward_modules or []
             feedforward = [feedforward] if isinstance(feedforward, str) else list(feedforward)
         else:
             arch = llm_arch(model.llm, self.name)
@@ -107,24 +131,34 @@ class IA3Tuner(PeftTuner):
         return IA3Config(target_modules=targets, feedforward_modules=feedforward, task_type="CAUSAL_LM")
 
 
-@TUNERS.register("oft")
+@dataclass(frozen=True)
+class OFTOptions:
+    blocks: int = 16  # number of diagonal blocks (PEFT's `r`); the block size is in_features / blocks
+    target_modules: ModuleNames = None
+    module_dropout: float = 0.0
+    coft: bool = False
+    eps: float = 6e-5
+
+    def check(self, tuner: str) -> None:
+        in_range(tuner, "blocks", self.blocks, low=1)
+        in_range(tuner, "module_dropout", self.module_dropout, low=0, high=1, high_open=True)
+        if self.eps <= 0:
+            raise option_error(tuner, "eps", self.eps, "a positive number")
+
+
+@register_tuner
 class OFTTuner(PeftTuner):
     name = "oft"
+    Options = OFTOptions
     param_marker = "oft_"
-    options = {"blocks": 16, "target_modules": None, "module_dropout": 0.0, "coft": False, "eps": 6e-5}
 
     def peft_config(self, model: nn.Module):
-        from peft import OFTConfig
+        from peft import OFTConfig  # peft is slow to import: only a PEFT tuner in use loads it
 
-        arch = None if self.cfg.get("target_modules") else llm_arch(model.llm, self.name)
+        opts = self.options
+        arch = None if opts.target_modules else llm_arch(model.llm, self.name)
         default = [arch.query, arch.key, arch.value] if arch else []
         # peft ≥ 0.16: `r` is the number of blocks and `oft_block_size` must then be 0 (exactly one may be set).
-        return OFTConfig(r=int(self.cfg["blocks"]), oft_block_size=0, target_modules=self.targets(model, default),
-                         module_dropout=float(self.cfg["module_dropout"]), coft=bool(self.cfg["coft"]),
-                         eps=float(self.cfg["eps"]), task_type="CAUSAL_LM")
+        return OFTConfig(r=opts.blocks, oft_block_size=0, target_modules=self.targets(model, default),
+                         module_dropout=opts.module_dropout, coft=opts.coft, eps=opts.eps, task_type="CAUSAL_LM")
 
-
-def peft_trainable_count(model: nn.Module) -> Dict[str, Any]:
-    """PEFT's own count of trainable parameters (the number `print_trainable_parameters` shows)."""
-    trainable, total = model.llm.get_nb_trainable_parameters()
-    return {"trainable": int(trainable), "total": int(total)}

@@ -1,0 +1,46 @@
+"""Tune types per component and the stage presets.
+
+apply_tuning freezes the whole model first, then each component is made trainable by its tune type:
+  vision:    frozen | full | lora   (lora: factory.tuners.vision_lora)
+  connector: frozen | full
+  llm:       frozen | full | tuner  (tuner = the configured tuner, e.g. mores, lora, adapter)
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping
+
+from factory.errors import FactoryError
+
+TUNE_TYPES = {
+    "vision": ("frozen", "full", "lora"),
+    "connector": ("frozen", "full"),
+    "llm": ("frozen", "full", "tuner"),
+}
+
+# The stage presets of configs/stage (stage 1 trains the connector only, stage 2 adds the tuner): the default of
+# apply_tuning when no `tune` is given. tests/test_tuners.py checks they equal the YAML.
+STAGE_TUNE = {
+    "pretrain": {"vision": "frozen", "connector": "full", "llm": "frozen"},
+    "instruct": {"vision": "frozen", "connector": "full", "llm": "tuner"},
+}
+
+
+def check_tune(tune: Mapping[str, Any], where: str = "stage.<stage>.tune") -> Dict[str, str]:
+    """Validate a `tune` mapping ({vision, connector, llm}) and return it as a plain dict; `where` names the key in
+    error messages."""
+    tune = dict(tune or {})
+    unknown = sorted(set(tune) - set(TUNE_TYPES))
+    missing = sorted(set(TUNE_TYPES) - set(tune))
+    if unknown or missing:
+        raise FactoryError(
+            f"{where} must name exactly the components vision, connector and llm "
+            f"(missing: {missing or 'none'}; unknown: {unknown or 'none'}). Example: "
+            f"{{vision: frozen, connector: full, llm: tuner}}."
+        )
+    for component, value in tune.items():
+        if value not in TUNE_TYPES[component]:
+            raise FactoryError(
+                f"{where}.{component}={value!r} is not a tune type for the {component}; use one of "
+                f"{', '.join(TUNE_TYPES[component])}."
+            )
+    return {k: str(v) for k, v in tune.items()}
