@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from factory.config import register_resolvers
 from factory.errors import FactoryError
+from factory.train.hydra_folders import register_sweep_resolver
 
 USER_ERROR = 2
 
@@ -70,6 +71,7 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     sys.argv = [sys.argv[0]] + _take_local_rank_argument(sys.argv[1:])
     register_resolvers()
+    register_sweep_resolver()
     try:
         main()
     except SystemExit as exit_:

@@ -4,32 +4,36 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Optional
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
+from factory.errors import FactoryError
+
 PACKAGE_DIR = Path(__file__).resolve().parent
-CONFIG_DIR = PACKAGE_DIR.parent / "configs"
+
+
+def _config_dir() -> Path:
+    """The Hydra config tree: factory/configs in an installed package (setup.py maps the repository's configs/
+    there), else configs/ at the root of a clone (also for an editable install)."""
+    installed = PACKAGE_DIR / "configs"
+    return installed if (installed / "train.yaml").is_file() else PACKAGE_DIR.parent / "configs"
+
+
+CONFIG_DIR = _config_dir()
 ASSETS_DIR = PACKAGE_DIR / "assets"
 
 
 def register_resolvers() -> None:
-    """`${asset:microworld/phi}` → absolute path of a file shipped in factory/assets (works from any cwd);
-    `${sweep_job_dirname:num,overrides}` → a sweep job's folder name (factory/train/hydra_folders.py)."""
+    """`${asset:microworld/phi}` → absolute path of a file shipped in factory/assets (works from any cwd).
+    (train.py also registers `${sweep_job_dirname:...}`, a run-folder concern: factory/train/hydra_folders.py.)"""
     if not OmegaConf.has_resolver("asset"):
         OmegaConf.register_new_resolver("asset", lambda rel: str(ASSETS_DIR / rel))
-    if not OmegaConf.has_resolver("sweep_job_dirname"):
-        from factory.train.hydra_folders import sweep_job_dirname
-
-        OmegaConf.register_new_resolver("sweep_job_dirname", sweep_job_dirname)
 
 
 def compose(overrides: Iterable[str] = (), config_name: str = "train", config_dir: Optional[Path] = None) -> DictConfig:
     """Compose the Hydra config exactly as `python train.py <overrides>` would (without running anything)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from factory.errors import FactoryError
-
     register_resolvers()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir or CONFIG_DIR), version_base="1.3"):

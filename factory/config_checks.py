@@ -19,7 +19,9 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 from omegaconf import DictConfig, OmegaConf
 
 from factory.config import CONFIG_DIR
+from factory.constants import PRECISIONS
 from factory.errors import FactoryError
+from factory.tuners import validate_tuner_options
 
 CHECKED_GROUPS = ("trainer", "tuner", "data", "stage", "logger", "eval")
 STAGES = ("pretrain", "instruct")
@@ -67,8 +69,6 @@ def _choice(*options: str) -> Rule:
 
 
 def _precision(value: Any) -> Optional[str]:
-    from factory.train.engine import PRECISIONS
-
     return _choice(*PRECISIONS)(value)
 
 
@@ -256,6 +256,11 @@ def config_problems(cfg: DictConfig, groups: Iterable[str] = CHECKED_GROUPS, roo
             if expected is not None:
                 value = flat[key]
                 problems.append(f"`{key}` must be {expected}, got {value!r} ({type(value).__name__}).")
+    if "tuner" in groups and isinstance(data.get("tuner"), dict) and not problems:
+        try:  # the tuner's own typed options (factory/tuners/options.py): types and values the table lacks
+            validate_tuner_options(data["tuner"])
+        except FactoryError as err:
+            problems.append(str(err))
     return problems
 
 

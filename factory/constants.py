@@ -11,3 +11,6 @@ IGNORE_INDEX = -100
 
 # The literal marker that stands for the image in LLaVA-format conversations.
 IMAGE_MARKER = "<image>"
+
+# trainer.precision: auto = bf16 on GPU, fp32 on CPU (factory/train/engine.py select_dtype; checked by config_checks).
+PRECISIONS = ("auto", "fp32", "bf16")

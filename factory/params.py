@@ -17,7 +17,19 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+if __name__ == "__main__":
+    # Counting needs no weights and no tokenizer from the hub: never wait on the network. huggingface_hub reads these
+    # once, when it is first imported (below, through factory.model.build), so they are set before any import.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from omegaconf import OmegaConf
+
+from factory.config import compose
 from factory.errors import FactoryError
+from factory.model.build import build_model
+from factory.stages import tune_for_stage
+from factory.tuners import apply_tuning
 
 MODELS = ("llava_3b", "llava_7b", "llava_13b")
 TUNER_CONFIGS = ("frozen", "full", "mores", "mores_l", "mores_h", "lora", "ia3", "oft", "adapter")
@@ -47,19 +59,10 @@ def _choice(overrides: Sequence[str], group: str) -> Optional[str]:
 
 def count(overrides: Sequence[str]) -> Dict[str, Any]:
     """Compose with the overrides, build on meta, apply the instruct-stage tuning, return the report dict."""
-    from omegaconf import OmegaConf
-
-    from factory.config import compose
-    from factory.model.build import build_model
-    from factory.tuners import apply_tuning
-    from factory.tuners.freeze import STAGE_TUNE
-
     overrides = [o for o in overrides if not o.startswith("init=")] + ["init=meta"]
     cfg = compose(overrides)
-    tune = OmegaConf.select(cfg, "stage.instruct.tune", default=None)
-    tune = OmegaConf.to_container(tune) if tune is not None else STAGE_TUNE["instruct"]
     model = build_model(cfg)
-    report = apply_tuning(model, cfg.tuner, tune=tune)
+    report = apply_tuning(model, cfg.tuner, tune=tune_for_stage(cfg, "instruct"))
     result = {
         "model": OmegaConf.select(cfg, "model.name", default=None) or _choice(overrides, "model"),
         "tuner": _choice(overrides, "tuner") or str(cfg.tuner.name),
@@ -123,15 +126,13 @@ Notes
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    # Counting needs no weights and no tokenizer from the hub: never wait on the network.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
         if "--table" in args:
             text = table()
             print(text)
-            DOCS_PATH.write_text(_DOC_HEAD + text + _DOC_TAIL)
-            print(f"(written to {DOCS_PATH.name} in docs/)")
+            if DOCS_PATH.parent.is_dir():  # a clone; an installed package has no docs/ folder to update
+                DOCS_PATH.write_text(_DOC_HEAD + text + _DOC_TAIL)
+                print(f"(written to {DOCS_PATH.name} in docs/)")
             return 0
         print(json.dumps(count(args)))
         return 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 from typing import Any, Callable, Dict, List, Tuple
 
 from factory.errors import FactoryError
@@ -57,8 +58,6 @@ class Registry:
         if self._imported:
             return
         self._imported = True
-        import importlib
-
         for module in self._modules:
             importlib.import_module(module)
 
@@ -69,3 +68,8 @@ LLMS = Registry("llm", ("factory.model.llms",))
 TEMPLATES = Registry("chat template", ("factory.data.templates",))
 TUNERS = Registry("tuner", ("factory.tuners",))
 BENCHMARKS = Registry("benchmark", ("factory.eval.benchmarks",))
+# Data sets generated on first use (the micro-world), keyed by the data config's `name`: train runs the entry, if any.
+DATA_PREPARERS = Registry("data preparer", ("factory.data.prepare",))
+# Evaluations run on the final model of a training run, keyed by the `name` of configs/eval/*.yaml. The training
+# recipe looks them up by name only, so train/ never imports eval/ (docs/architecture.md).
+AFTER_TRAINING = Registry("after-training evaluation", ("factory.eval.after_training",))

@@ -16,12 +16,16 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, List, Sequence
 
+import torch
+from omegaconf import DictConfig, OmegaConf
+
 from factory.errors import FactoryError
 
 
 def deepspeed_state_globals() -> List[Any]:
     """The classes DeepSpeed's own (ZeRO-1/2/3, fp32/bf16/fp16) resume files contain besides tensors and builtins.
     Each is plain data: rebuilding one runs no code of the file's choosing."""
+    # deepspeed is heavy (seconds to import): only reading a resume state needs its record classes
     from deepspeed.runtime.fp16 import loss_scaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -35,8 +39,6 @@ def deepspeed_state_globals() -> List[Any]:
 def load_torch_file(path: Path, allowed_globals: Sequence[Any] = (), map_location: Any = "cpu") -> Any:
     """``torch.load(path, weights_only=True)`` with `allowed_globals` accepted for this call only; a file that needs
     anything else (i.e. could run code) → FactoryError naming the file and what it asked for."""
-    import torch
-
     try:
         with torch.serialization.safe_globals(list(allowed_globals)):
             return torch.load(str(path), map_location=map_location, weights_only=True)
@@ -55,8 +57,6 @@ def load_torch_file(path: Path, allowed_globals: Sequence[Any] = (), map_locatio
 
 def _unsafe_globals(path: Path, message: str) -> str:
     """' (it asks for posix.system)': what the file wanted to import, from the checkpoint or torch's message."""
-    import torch
-
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     except Exception:  # not a zip checkpoint (a raw pickle): the unpickler's own message names the global
@@ -68,8 +68,6 @@ def _unsafe_globals(path: Path, message: str) -> str:
 def remote_code_requests(cfg: Any) -> List[str]:
     """`key=value` for each `trust_remote_code` of a config that is not false (any component may carry one; a
     string such as "false" counts as a request too: only a real false is off)."""
-    from omegaconf import DictConfig, OmegaConf
-
     tree = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg
     found: List[str] = []
 

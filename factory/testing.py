@@ -19,6 +19,10 @@ from typing import Optional, Union
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from factory.model.build import build_model
 
 TINY_VOCAB_SIZE = 512
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, matching tiny-*.json (bos 1, eos 2)
@@ -46,8 +50,6 @@ _CORPUS = [
 
 @functools.lru_cache(maxsize=1)
 def _tokenizer_json() -> str:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -60,9 +62,6 @@ def _tokenizer_json() -> str:
 def tiny_tokenizer(directory: Optional[Union[str, Path]] = None):
     """A fresh PreTrainedTokenizerFast (vocab ≤ 512, bos <s>, eos </s>, pad <pad>, unk <unk>); saved to `directory`
     (loadable with AutoTokenizer.from_pretrained) when given."""
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
                                         unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     if directory is not None:
@@ -120,8 +119,6 @@ def tiny_model(llm: str = "phi", vision: str = "hf_clip", connector: str = "mlp2
 
     (image_size / patch_size)² image tokens (16 by default); LLM vocabulary 512; fp32; dropout 0.
     """
-    from factory.model.build import build_model
-
     cfg = tiny_config(llm=llm, vision=vision, connector=connector, image_size=image_size, patch_size=patch_size,
                       hidden=hidden, layers=layers, seed=seed, template=template, vision_hidden=vision_hidden)
     with torch.random.fork_rng(devices=[]):

@@ -127,7 +127,8 @@ def synthetic_data(folder: Path, n_image: int, image_size: int, min_seq: int, sa
 
 def orthonormality_error(model) -> float:
     worst = 0.0
-    for key, value in model.llm.mores.export().items():
+    rotations = {f"layer{k}.R": m.rotation().detach() for k, m in model.llm.mores.interventions.items()}
+    for key, value in rotations.items():
         if key.endswith(".R"):
             value = value.double()
             worst = max(worst, float((value.t() @ value - torch.eye(value.shape[1], dtype=value.dtype)).abs().max()))
@@ -136,11 +137,11 @@ def orthonormality_error(model) -> float:
 
 def real_run(model_name: str, out: Path, steps: int, min_seq: int, new_tokens: int, tokenizer: str | None) -> dict:
     """Part 1 (see the module docstring)."""
-    from factory.train.distributed import init_distributed
+    from factory.distributed import init_distributed
     from factory.train.loop import StageContext, train_stage
     from factory.train.metrics import MetricsFile, WandbLogger
     from factory.train.runner import build_dataset, build_stage_model
-    from factory.train.stages import plan_stages
+    from factory.stages import plan_stages
 
     tokenizer = tokenizer_for(model_name, tokenizer)
     run_dir = out / f"run_{model_name}"
@@ -211,7 +212,7 @@ def meta_setup(model_name: str, out: Path, min_seq: int, tokenizer: str | None) 
     from factory.train.engine import deepspeed_config
     from factory.train.optim import build_optimizer
     from factory.train.runner import build_dataset
-    from factory.train.stages import gradient_accumulation, plan_stages
+    from factory.stages import gradient_accumulation, plan_stages
     from factory.tuners import apply_tuning
 
     tokenizer = tokenizer_for(model_name, tokenizer)

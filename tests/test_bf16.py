@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from factory.constants import IMAGE_TOKEN_INDEX
-from factory.train import checkpoint as ckpt
+from factory import checkpoint as ckpt
 from train_support import make_small_world, train_cfg
 
 STEPS = 8
@@ -36,11 +36,11 @@ def world(tmp_path_factory):
 def train_bf16(tuner: str, world, run_dir, precision: str = "bf16"):
     """Stage 2 of `tuner` for STEPS steps; returns (model after training, StageResult, 4 collated samples,
     MoReS's R/W/b before training)."""
-    from factory.train.distributed import init_distributed
+    from factory.distributed import init_distributed
     from factory.train.loop import StageContext, train_stage
     from factory.train.metrics import MetricsFile, WandbLogger
     from factory.train.runner import build_dataset, build_stage_model
-    from factory.train.stages import plan_stages
+    from factory.stages import plan_stages
 
     lr = TUNERS[tuner][0]
     cfg = train_cfg(run_dir, world, tuner=tuner, stage="instruct", **{
@@ -55,7 +55,8 @@ def train_bf16(tuner: str, world, run_dir, precision: str = "bf16"):
     ctx = StageContext(cfg=cfg, dist=dist, run_dir=run_dir, dtype=dtype,
                        metrics=MetricsFile(run_dir / "metrics.jsonl"),
                        wandb=WandbLogger({"name": "none"}, run_dir, {}, enabled=False))
-    before = {k: v.clone() for k, v in model.llm.mores.export().items()} if tuner.startswith("mores") else None
+    before = ({f"layer{k}.R": m.rotation().detach().clone() for k, m in model.llm.mores.interventions.items()}
+              if tuner.startswith("mores") else None)
     result = train_stage(model, spec, dataset, collate, ctx)
     return model, result, collate([dataset[i] for i in range(4)]), before
 
@@ -98,7 +99,7 @@ def test_bf16_engine_trains_and_loss_falls(trained):
 
 def test_bf16_mores_rotation_stays_orthonormal_and_moves(bf16_runs):
     _, model, _, _, before = bf16_runs("mores")
-    after = model.llm.mores.export()
+    after = {f"layer{k}.R": m.rotation().detach().clone() for k, m in model.llm.mores.interventions.items()}
     moved = 0.0
     for key, value in after.items():
         if key.endswith(".R"):

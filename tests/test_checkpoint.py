@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 import factory
 from factory.errors import FactoryError
-from factory.train import checkpoint as ckpt
+from factory import checkpoint as ckpt
 from train_support import train_cfg
 
 
@@ -39,7 +39,7 @@ def _save(model, cfg, folder, stage="instruct", template="phi"):
 def trained(tmp_path):
     """A stage-2 model with the MoReS tuner whose trainable weights were moved away from their init."""
     from factory.train.runner import build_stage_model
-    from factory.train.stages import plan_stages
+    from factory.stages import plan_stages
 
     cfg = train_cfg(tmp_path / "run", tmp_path / "unused", tuner="mores", stage="all")
     model = build_stage_model(cfg, plan_stages(cfg)[1], None, torch.float32)
@@ -113,9 +113,7 @@ def test_failed_save_leaves_previous_checkpoint(trained, monkeypatch):
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
 
-    import safetensors.torch
-
-    monkeypatch.setattr(safetensors.torch, "save_file", broken_save)
+    monkeypatch.setattr(ckpt, "save_file", broken_save)  # the writer factory/checkpoint.py calls
     with torch.no_grad():
         next(p for p in model.parameters() if p.requires_grad).add_(1.0)
     with pytest.raises(OSError):

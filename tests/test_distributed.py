@@ -146,7 +146,7 @@ def expected_trainable_names(runs, tuner: str) -> set:
     """The parameters stage 2 trains for this tuner, from the same config built in this process."""
     from factory.config import compose
     from factory.model.build import build_model
-    from factory.train.stages import tune_for_stage
+    from factory.stages import tune_for_stage
     from factory.tuners import apply_tuning
 
     cfg = compose(stage2_overrides(runs.world, runs.base / "unused", tuner))
@@ -178,7 +178,7 @@ def test_a_child_does_not_take_its_parents_self_described_world_for_a_launchers(
     """A script that trained in-process (holding MASTER_PORT) and then starts train.py must not make it reuse the port."""
     import socket
 
-    from factory.train.distributed import SELF_DESCRIBED, fill_single_process_env
+    from factory.distributed import SELF_DESCRIBED, fill_single_process_env
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", SELF_DESCRIBED):
         monkeypatch.delenv(key, raising=False)

@@ -248,7 +248,7 @@ def test_chat_one_shot_and_interactive_multi_turn(tmp_path, capsys, monkeypatch)
     import io
 
     from factory.eval.chat import ChatSession, main
-    from factory.train.checkpoint import load_checkpoint
+    from factory.checkpoint import load_checkpoint
 
     root = _microworld(tmp_path, n=2)
     ckpt = _hand_made_checkpoint(tmp_path, root)

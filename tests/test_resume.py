@@ -181,7 +181,7 @@ def small_world(tmp_path_factory):
 
 def _interrupted_run(small_world, run_dir: Path, monkeypatch) -> None:
     """A 4-step pretrain that dies right after its step-2 checkpoint (save_every=2)."""
-    from factory.train import checkpoint as ckpt
+    from factory import checkpoint as ckpt
     from factory.train import loop, run
     from train_support import train_cfg
 

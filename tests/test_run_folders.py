@@ -21,7 +21,7 @@ import pytest
 
 from dist_helpers import REPO, child_env, tiny_overrides
 from factory.errors import FactoryError
-from factory.train import checkpoint as ckpt
+from factory import checkpoint as ckpt
 from factory.train import hydra_folders, run_folder
 from train_support import make_small_world, read_metrics, train_cfg
 
@@ -239,12 +239,11 @@ def test_full_disk_while_writing_metrics_is_one_clear_message(world, tmp_path):
 def test_full_disk_during_a_checkpoint_save_keeps_the_last_one(world, tmp_path, monkeypatch):
     """ENOSPC raised by the weights write of the final save (simulated: it needs a disk that fills at exactly that
     moment): the message names the path and the fix, the step-2 checkpoint is intact, and resume=true finishes."""
-    import safetensors.torch
-
+    from factory import checkpoint
     from factory.train import run
 
     run_dir = tmp_path / "run"
-    real_save_file, calls = safetensors.torch.save_file, []
+    real_save_file, calls = checkpoint.save_file, []
 
     def save_file(tensors, filename, metadata=None):
         calls.append(filename)
@@ -252,7 +251,7 @@ def test_full_disk_during_a_checkpoint_save_keeps_the_last_one(world, tmp_path, 
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
         return real_save_file(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    monkeypatch.setattr(checkpoint, "save_file", save_file)  # the writer factory/checkpoint.py calls
     overrides = {"trainer.max_steps": 4, "trainer.save_every": 2}
     with pytest.raises(FactoryError, match=r"No space left on the disk while writing the run in .*"
                                            r"\.pretrain\.tmp/trainable\.safetensors.*last complete checkpoint is "

@@ -6,7 +6,7 @@ import pytest
 import yaml
 import torch
 
-from factory.train import checkpoint as ckpt
+from factory import checkpoint as ckpt
 from factory.train.optim import cosine_with_warmup
 from factory.train.sampler import BatchPlan, GlobalBatchSampler
 from train_support import make_small_world, read_metrics, train_cfg
@@ -75,7 +75,7 @@ def test_stage_checkpoints_layout(two_stage_run):
 def test_stage2_starts_from_stage1_weights(two_stage_run, world, tmp_path):
     """stage=instruct with stage.init_from loads exactly the stage-1 connector before training."""
     from factory.train.runner import build_stage_model
-    from factory.train.stages import plan_stages
+    from factory.stages import plan_stages
 
     run_dir, _ = two_stage_run
     cfg = train_cfg(tmp_path, world, stage="instruct", **{"stage.init_from": str(run_dir / "pretrain")})
@@ -186,7 +186,8 @@ def test_microworld_run_ends_with_evaluation(world, tmp_path):
     cfg = train_cfg(tmp_path / "run", world, tuner="mores",
                     **{"trainer.max_steps": 2, "data.name": "microworld", "data.root": str(world),
                        "data.seed": 0, "data.generate": False, "data.sizes": dict(WORLD_SIZES),
-                       "eval": {"enabled": True, "batch_size": 8, "max_new_tokens": 4, "limit": 8}})
+                       "eval": {"name": "microworld", "enabled": True, "batch_size": 8, "max_new_tokens": 4,
+                                "limit": 8}})
     summary = run(cfg)
     assert 0.0 <= summary["microworld_accuracy"] <= 100.0
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["microworld_accuracy"] == \
@@ -210,7 +211,7 @@ def test_wandb_offline_writes_a_local_run(tmp_path, monkeypatch):
 def test_stage_model_is_seeded(world, tmp_path):
     """Connector and tuner initialisation come from cfg.seed (not the ambient RNG): same seed, same model."""
     from factory.train.runner import build_stage_model
-    from factory.train.stages import plan_stages
+    from factory.stages import plan_stages
 
     cfg = train_cfg(tmp_path, world, tuner="mores")
     spec = plan_stages(cfg)[1]

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from factory.errors import FactoryError
-from factory.train import checkpoint as ckpt
+from factory import checkpoint as ckpt
 from train_support import make_small_world, read_metrics, train_cfg
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,6 +23,7 @@ from factory.data.llava_json import (BadSampleError, encode_entry, entry_problem
                                       rejected_entry_message)
 from factory.data.templates import Template, get_template
 from factory.errors import FactoryError
+from factory.model.llms import load_tokenizer
 
 # LLaVA-1.5's CLIP ViT-L/14-336 gives 576 image tokens; pass the encoder's count to see exact lengths.
 DEFAULT_IMAGE_TOKENS = 576
@@ -92,8 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from factory.model.llms import load_tokenizer
-
         template = get_template(args.template)
         tokenizer = load_tokenizer({"tokenizer": args.tokenizer}, "pretrained", pad_with_unk=False)
         if args.num_image_tokens < 1:

@@ -26,8 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from factory.data.llava_json import BadSampleError, LlavaJsonDataset
+import torch
+from tqdm.auto import tqdm
+
+from factory.data.llava_json import BadSampleError, LlavaJsonDataset, data_options
+from factory.data.templates import get_template
+from factory.distributed import barrier, broadcast_object
 from factory.errors import FactoryError
+from factory.stages import plan_stages
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +55,6 @@ class Fault:
 
 def scan(dataset: LlavaJsonDataset, workers: Optional[int] = None, progress: bool = True) -> List[Fault]:
     """Every fault of `dataset`, in index order."""
-    from tqdm.auto import tqdm
-
     workers = workers or min(16, os.cpu_count() or 1)
     faults: List[Fault] = []
     bar = tqdm(total=len(dataset), desc=f"verify {Path(dataset.json_path).name}", unit="sample",
@@ -116,10 +120,6 @@ def verify_dataset(dataset: LlavaJsonDataset, run_dir: Optional[Path], stage: st
 def verify_datasets(named: Sequence[Tuple[str, LlavaJsonDataset]], run_dir: Optional[Path],
                     workers: Optional[int] = None) -> List[List[Fault]]:
     """`verify_dataset` for several (stage, dataset) pairs: every fault of every dataset is listed in one error."""
-    from factory.train.distributed import barrier, broadcast_object
-
-    import torch
-
     is_main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     results: List[Tuple[Optional[str], List[Fault]]] = []
     if is_main:
@@ -174,10 +174,6 @@ def verify_run_data(cfg, spec, dataset: LlavaJsonDataset, run_dir: Path) -> None
     """data.verify_images in a run. The first stage that trains scans its own data *and* that of every later stage
     of the run (same tokenizer, image tokens and transform; each stage's template), so a bad stage-2 sample stops the
     run before stage 1 spends hours; a later stage reuses what was found and only marks its bad samples."""
-    from factory.data.llava_json import data_options
-    from factory.data.templates import get_template
-    from factory.train.stages import plan_stages
-
     key = _identity(dataset, run_dir)
     if key in _FOUND:
         for fault in _FOUND[key]:

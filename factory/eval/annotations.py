@@ -259,3 +259,19 @@ def optional_questions(path: Optional[Path]) -> Dict[str, Dict[str, Any]]:
     if isinstance(rows, dict):
         rows = list(rows.values())
     return {str(r.get("question_id", r.get("id"))): r for r in rows if isinstance(r, dict)}
+
+
+def attach_from_questions(predictions: List[Dict[str, Any]], questions: Optional[Path], key: str,
+                          name: str) -> List[Dict[str, Any]]:
+    """Answer rows written by eval.py carry the image name; foreign answer files may need the question file."""
+    if all(key in row for row in predictions):
+        return predictions
+    by_id = optional_questions(questions)
+    if not by_id:
+        raise FactoryError(f"{name} annotations are keyed by `{key}`, which the predictions lack. Pass the question "
+                           f"file with --questions so each question_id can be mapped to its {key}.")
+    out = []
+    for row in predictions:
+        q = by_id.get(str(row["question_id"]), {})
+        out.append(dict(row, **{key: q[key]}) if key in q else row)
+    return out

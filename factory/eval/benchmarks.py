@@ -85,26 +85,11 @@ def _vqa_scorer(loader: Callable[[Path], Dict[str, List[str]]], protocol: str, n
     def score(predictions: Rows, annotations: Path, questions: Optional[Path] = None, strict: bool = False):
         truth = loader(annotations)
         if key != "question_id":
-            predictions = attach_from_questions(predictions, questions, key, name)
+            predictions = ann.attach_from_questions(predictions, questions, key, name)
         joined = ann.join(predictions, truth, name, annotations, key=key, strict=strict)
         accs = [scoring.vqa_accuracy(row["text"], answers, protocol) for row, answers in joined.pairs]
         return {"accuracy": scoring.mean_percent(accs), **joined.report()}
     return score
-
-
-def attach_from_questions(predictions: Rows, questions: Optional[Path], key: str, name: str) -> Rows:
-    """Answer rows written by eval.py carry the image name; foreign answer files may need the question file."""
-    if all(key in row for row in predictions):
-        return predictions
-    by_id = ann.optional_questions(questions)
-    if not by_id:
-        raise FactoryError(f"{name} annotations are keyed by `{key}`, which the predictions lack. Pass the question "
-                           f"file with --questions so each question_id can be mapped to its {key}.")
-    out = []
-    for row in predictions:
-        q = by_id.get(str(row["question_id"]), {})
-        out.append(dict(row, **{key: q[key]}) if key in q else row)
-    return out
 
 
 def score_gqa(predictions: Rows, annotations: Path, questions: Optional[Path] = None, strict: bool = False):
@@ -209,7 +194,7 @@ def export_mmvet(predictions: Rows, out_dir: Path, test_questions: Optional[Path
 
 def export_vizwiz(predictions: Rows, out_dir: Path, test_questions: Optional[Path] = None) -> Path:
     """VizWiz server submission: [{"image": name, "answer": normalised}]."""
-    predictions = attach_from_questions(predictions, test_questions, "image", "vizwiz")
+    predictions = ann.attach_from_questions(predictions, test_questions, "image", "vizwiz")
     out = Path(out_dir) / "vizwiz_submission.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps([{"image": r.get("image"), "answer": scoring.normalize_vqa_answer(r["text"])}

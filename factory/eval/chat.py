@@ -7,10 +7,15 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
+from omegaconf import OmegaConf
 
+from factory.checkpoint import load_checkpoint
 from factory.constants import IMAGE_MARKER
 from factory.data.templates import image_first_text
 from factory.errors import FactoryError
+from factory.eval.cli import pick_device, remote_code_opt_in
+from factory.eval.generate import decode, generate_ids, left_pad, load_pixels, template_of
+from factory.model.loading import module_device
 
 
 class ChatSession:
@@ -18,8 +23,6 @@ class ChatSession:
     so the prompt is exactly what training saw, then decodes greedily."""
 
     def __init__(self, model, image: Optional[str] = None, max_new_tokens: int = 256):
-        from factory.eval.generate import load_pixels, model_device
-
         self.model = model
         self.max_new_tokens = max_new_tokens
         self.turns: List[Dict[str, str]] = []
@@ -32,12 +35,10 @@ class ChatSession:
             if not Path(image).is_file():
                 raise FactoryError(f"The image {image} does not exist; pass image=<path to a picture>.")
             pixels = load_pixels(model, None, str(Path(image).resolve()))
-            self.pixel_values = pixels[None].to(model_device(model), getattr(model.vision, "dtype", torch.float32))
+            self.pixel_values = pixels[None].to(module_device(model), getattr(model.vision, "dtype", torch.float32))
 
     @torch.no_grad()
     def ask(self, question: str) -> str:
-        from factory.eval.generate import decode, generate_ids, left_pad, model_device, template_of
-
         question = question.replace(IMAGE_MARKER, "").strip()
         if not self.turns and self.pixel_values is not None:
             question = image_first_text(IMAGE_MARKER + question)  # the image first, as in training (LLaVA's rule)
@@ -45,7 +46,7 @@ class ChatSession:
         prompt = template_of(self.model).encode_prompt(conversation, self.model.tokenizer,
                                                        self.model.image_token_count)
         input_ids, mask = left_pad([prompt], 0)
-        device = model_device(self.model)
+        device = module_device(self.model)
         batch = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device),
                  "pixel_values": self.pixel_values}
         answer = decode(self.model, generate_ids(self.model, batch, self.max_new_tokens)[0])
@@ -54,8 +55,6 @@ class ChatSession:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from omegaconf import OmegaConf
-
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         bad = [a for a in argv if "=" not in a]
@@ -66,9 +65,6 @@ def main(argv: Optional[List[str]] = None) -> int:
                                "device": "auto", "trust_remote_code": False}, OmegaConf.from_dotlist(argv))
         if cfg.checkpoint is None:
             raise FactoryError("chat.py needs checkpoint=<folder> (a <run_dir>/<stage> folder written by train.py).")
-        from factory.eval.cli import pick_device, remote_code_opt_in
-        from factory.train.checkpoint import load_checkpoint
-
         model = load_checkpoint(cfg.checkpoint, device=pick_device(cfg.device),
                                 trust_remote_code=remote_code_opt_in(cfg, "chat.py"))
         session = ChatSession(model, cfg.image, int(cfg.max_new_tokens))

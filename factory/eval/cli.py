@@ -11,12 +11,20 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
+from factory.checkpoint import load_checkpoint
 from factory.config import CONFIG_DIR, register_resolvers
+from factory.config_checks import check_eval_config
 from factory.errors import FactoryError
+from factory.eval.generate import check_image_paths, load_questions
+from factory.eval.imbalance import analyze, write_results
 from factory.eval.official import check_protocol
-from factory.eval.output_folder import ensure_writable_dir
+from factory.eval.output_folder import (checkpoint_identity, ensure_writable_dir, generation_settings,
+                                        keyed_output_dir)
+from factory.eval.plots import plot_imbalance
+from factory.eval.runner import run_benchmark
 
 DEFAULTS = CONFIG_DIR / "eval" / "benchmark.yaml"
 
@@ -33,8 +41,6 @@ def load_config(argv: List[str], defaults: Path = DEFAULTS) -> DictConfig:
         raise FactoryError(f"Unknown setting(s) {unknown} for eval.py. Known keys: {', '.join(base.keys())} "
                            f"(see configs/eval/benchmark.yaml).")
     cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(argv))
-    from factory.config_checks import check_eval_config
-
     check_eval_config(cfg, defaults)  # types and ranges (batch_size, limit, dtype...), before the model is loaded
     if OmegaConf.is_missing(cfg, "checkpoint"):
         raise FactoryError("eval.py needs checkpoint=<folder> (a <run_dir>/<stage> folder written by train.py).")
@@ -50,8 +56,6 @@ def _known_key(node: Any, dotted: str) -> bool:
 
 
 def pick_device(setting: str) -> str:
-    import torch
-
     if setting != "auto":
         return setting
     if torch.cuda.is_available():
@@ -60,10 +64,6 @@ def pick_device(setting: str) -> str:
 
 
 def load_model(cfg: DictConfig):
-    import torch
-
-    from factory.train.checkpoint import load_checkpoint
-
     device = pick_device(cfg.device)
     dtype = cfg.dtype or (torch.bfloat16 if device.startswith("cuda") else None)
     return load_checkpoint(cfg.checkpoint, device=device, dtype=dtype,
@@ -121,9 +121,6 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         return run_imbalance(cfg, model, checkpoint, image_folder, train_cfg, out_dir)
     if cfg.analysis is not None:
         raise FactoryError(f"analysis={cfg.analysis!r} is unknown; the available analysis is `imbalance`.")
-    from factory.eval.output_folder import checkpoint_identity
-    from factory.eval.runner import run_benchmark
-
     return run_benchmark(
         model, cfg.benchmark, Path(cfg.question_file), out_dir, image_folder=image_folder,
         annotations=Path(cfg.annotations) if cfg.annotations else None, batch_size=int(cfg.batch_size),
@@ -138,12 +135,6 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
 
 def run_imbalance(cfg: DictConfig, model, checkpoint: Path, image_folder: Optional[Path],
                   train_cfg: Dict[str, Any], out_dir: Path) -> Dict[str, Any]:
-    from factory.eval.generate import check_image_paths, load_questions
-    from factory.eval.imbalance import analyze, write_results
-    from factory.eval.plots import plot_imbalance
-
-    from factory.eval.output_folder import checkpoint_identity, generation_settings, keyed_output_dir
-
     opts = cfg.imbalance
     label = opts.label or (train_cfg.get("tuner") or {}).get("name") or checkpoint.name
     # an earlier analysis with other settings keeps its files: this one then goes to the keyed sibling folder

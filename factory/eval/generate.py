@@ -8,8 +8,11 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from factory.constants import IMAGE_MARKER
-from factory.data.templates import image_first_text
+from factory.data.images import open_image, resolve_in_folder
+from factory.data.templates import get_template, image_first_text
 from factory.errors import FactoryError
+from factory.eval.annotations import read_json_or_jsonl_lines
+from factory.model.loading import module_device
 from factory.text_files import surrogate_problem
 
 Question = Dict[str, Any]
@@ -20,8 +23,6 @@ def load_questions(path: Path) -> List[Question]:
     conversations, ...}] (ScienceQA test file, micro-world eval.json). Returns rows with question_id, text, image
     (None when text-only) and every extra key (answer, category, question_type ...) kept. Messages name the file,
     the line (JSONL) or entry (JSON) and the question id."""
-    from factory.eval.annotations import read_json_or_jsonl_lines
-
     rows, lines = read_json_or_jsonl_lines(Path(path), "questions")
     if isinstance(rows, dict):
         rows = rows.get("questions", rows.get("data", list(rows.values())))
@@ -61,8 +62,6 @@ def check_image_paths(questions: Sequence[Question], image_folder: Optional[Path
     """Refuse a question whose image lies outside `image_folder` (absolute path, `..`, a symlink leading out), the
     check training applies to data files (factory.data.images.resolve_in_folder): a question file cannot make eval
     read other files, unless eval's `allow_outside_paths=true`."""
-    from factory.data.images import resolve_in_folder
-
     for question in questions:
         if question.get("image"):
             resolve_in_folder(str(image_folder) if image_folder else None, str(question["image"]),
@@ -86,8 +85,6 @@ def conversation_for(question: Question) -> List[Dict[str, str]]:
 
 
 def template_of(model):
-    from factory.data.templates import get_template
-
     if not model.template:
         raise FactoryError("The model has no chat template name (model.template); the checkpoint's meta.json "
                            "should record it. Set llm.template in the config.")
@@ -105,14 +102,8 @@ def stop_token_ids(model) -> List[int]:
     return stops
 
 
-def model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 def load_pixels(model, image_folder: Optional[Path], name: str) -> torch.Tensor:
     # the opener training uses: 16-bit images scaled, decompression bombs and extreme aspect ratios refused
-    from factory.data.images import open_image
-
     path = Path(image_folder or ".") / name
     return model.vision.image_transform(open_image(str(path)))
 
@@ -136,7 +127,7 @@ def prepare_batch(model, conversations: Sequence[List[Dict[str, str]]], images: 
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     input_ids, attention_mask = left_pad(prompts, int(pad_id))
     pixels = [load_pixels(model, image_folder, name) for name in images if name]
-    device = model_device(model)
+    device = module_device(model)
     pixel_values = None
     if pixels:
         dtype = getattr(model.vision, "dtype", torch.float32)

@@ -30,9 +30,13 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
+from tqdm import tqdm
 
 from factory.constants import IMAGE_TOKEN_INDEX
+from factory.data.templates import tokenizer_facts
 from factory.errors import FactoryError
+from factory.eval.generate import batched, conversation_for, generate_ids, prepare_batch
+from factory.model.loading import module_device
 
 TEXT_TOKEN_MODES = ("prompt", "prompt_with_bos", "prompt_and_answer")
 
@@ -126,8 +130,6 @@ def eager_attention(model) -> Iterator[None]:
 
 
 def count_bos(model, prompt_ids: Sequence[int]) -> int:
-    from factory.data.templates import tokenizer_facts
-
     bos = tokenizer_facts(model.tokenizer).bos_ids
     return len(bos) if bos and list(prompt_ids[: len(bos)]) == list(bos) else 0
 
@@ -138,9 +140,7 @@ def analyze_sample(model, prompt_ids: List[int], answer_ids: List[int], pixel_va
     """Per-layer statistics of one sample, or None when it cannot be measured (no image or empty answer)."""
     if not answer_ids or IMAGE_TOKEN_INDEX not in prompt_ids:
         return None
-    from factory.eval.generate import model_device
-
-    device = model_device(model)
+    device = module_device(model)
     ids = torch.tensor(prompt_ids + list(answer_ids), dtype=torch.long)
     with eager_attention(model):
         out = model(ids[None].to(device), torch.ones(1, len(ids), dtype=torch.long, device=device),
@@ -156,8 +156,6 @@ def analyze(model, questions: Sequence[Dict[str, Any]], image_folder: Optional[P
             max_new_tokens: int = 16, text_tokens: str = "prompt", batch_size: int = 8, label: str = "model",
             progress: bool = True) -> Dict[str, Any]:
     """Generate answers for the first `num_samples` image questions and measure LMAR / visual share per layer."""
-    from factory.eval.generate import (batched, conversation_for, generate_ids, prepare_batch)
-
     if text_tokens not in TEXT_TOKEN_MODES:
         raise FactoryError(f"analysis text_tokens={text_tokens!r} is unknown; use one of {', '.join(TEXT_TOKEN_MODES)}.")
     chosen = [q for q in questions if q.get("image")][: int(num_samples)]
@@ -169,8 +167,6 @@ def analyze(model, questions: Sequence[Dict[str, Any]], image_folder: Optional[P
     per_sample, skipped_empty = [], 0
     chunks = batched(chosen, batch_size)
     if progress:
-        from tqdm import tqdm
-
         chunks = tqdm(chunks, total=-(-len(chosen) // batch_size), desc="imbalance", unit="batch")
     try:
         for chunk in chunks:
@@ -199,10 +195,3 @@ def write_results(result: Dict[str, Any], out_json: Path) -> Path:
     out_json.write_text(json.dumps(result, indent=2) + "\n")
     return out_json
 
-
-if __name__ == "__main__":  # python -m factory.eval.imbalance checkpoint=... question_file=... image_folder=...
-    import sys
-
-    from factory.eval.cli import main
-
-    sys.exit(main(sys.argv[1:] + ["analysis=imbalance"]))

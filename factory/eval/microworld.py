@@ -16,6 +16,7 @@ import torch
 
 from factory.errors import FactoryError
 from factory.eval import scoring
+from factory.eval.annotations import join
 from factory.eval.generate import answer_questions, batched, check_image_paths, load_questions, missing_images
 
 QUESTION_TYPES = ("color", "shape", "count", "position", "existence")
@@ -48,8 +49,6 @@ def score_rows(pairs: Sequence[tuple]) -> Dict[str, Any]:
 
 def score_microworld(predictions, annotations: Path, questions: Optional[Path] = None, strict: bool = False):
     """Scorer of the BENCHMARKS entry: the annotations file is eval.json itself (answers live in the questions)."""
-    from factory.eval.annotations import join
-
     truth = {str(q["question_id"]): q for q in load_questions(annotations)}
     joined = join(predictions, truth, "microworld", annotations, strict=strict)
     result = score_rows([(row["text"], q) for row, q in joined.pairs])
@@ -77,7 +76,7 @@ def evaluate_microworld(model, eval_json, image_folder, batch_size: int = 16, ma
     try:
         chunks = batched(questions, batch_size)
         if progress:
-            from tqdm import tqdm
+            from tqdm import tqdm  # only when a progress bar is asked for
 
             chunks = tqdm(chunks, total=-(-len(questions) // batch_size), desc="micro-world eval", unit="batch")
         for chunk in chunks:

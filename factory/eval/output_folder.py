@@ -22,7 +22,10 @@ import uuid
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
+import torch
+
 from factory.errors import FactoryError
+from factory.eval.generate import conversation_for, template_of
 
 KEY_FILE = "cache_key.json"
 KEY_FORMAT = 1
@@ -48,8 +51,6 @@ def checkpoint_identity(folder: Path) -> Dict[str, str]:
 def model_fingerprint(model) -> Dict[str, str]:
     """For a model handed over in Python (no checkpoint folder): sha256 of its config and of its trained weights
     (every weight when nothing is marked trainable). Frozen weights come from the config's paths."""
-    import torch
-
     digest = hashlib.sha256(json.dumps(getattr(model, "config", {}), sort_keys=True, default=str).encode())
     state = model.trainable_state_dict() if hasattr(model, "trainable_state_dict") else {}
     if not state:
@@ -64,8 +65,6 @@ def model_fingerprint(model) -> Dict[str, str]:
 def prompt_probe(model, question: Dict[str, Any]) -> str:
     """sha256 of the prompt token ids the model gets for `question`: a change in how prompts are built (template
     text, system prompt, image placement, tokenizer) changes it, even with the same template name."""
-    from factory.eval.generate import conversation_for, template_of
-
     ids = template_of(model).encode_prompt(conversation_for(question), model.tokenizer, model.image_token_count)
     return hashlib.sha256(json.dumps([int(i) for i in ids]).encode()).hexdigest()
 

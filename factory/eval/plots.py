@@ -37,10 +37,10 @@ def _load(result: Result) -> Dict[str, Any]:
 def plot_imbalance(results: Sequence[Result], out_png: Union[str, Path], labels: Optional[Sequence[str]] = None,
                    title: Optional[str] = None) -> Path:
     """One PNG with two panels (LMAR per layer, log scale; visual share per layer in %), one line per result."""
-    import matplotlib
+    import matplotlib  # optional and slow to import: only the imbalance plot needs it
 
     matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"), which must come first
 
     data: List[Dict[str, Any]] = [_load(r) for r in results]
     if not data:
@@ -63,7 +63,7 @@ def plot_imbalance(results: Sequence[Result], out_png: Union[str, Path], labels:
     ax_share.set_xlabel("layer")
     ax_share.set_ylabel("attention mass on visual tokens (%)")
     ax_share.set_title("Visual share of attention")
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # matplotlib: see above
 
     for ax in (ax_lmar, ax_share):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers

@@ -21,10 +21,14 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
+from tqdm import tqdm
 
 from factory.errors import FactoryError
+from factory.eval.annotations import load_predictions
+from factory.eval.benchmarks import get_benchmark, score_and_export
 from factory.eval.generate import (Question, answer_questions, batched, check_image_paths, load_questions,
                                    missing_images)
+from factory.eval.official import DEFAULT_SEED, check_protocol
 from factory.eval.output_folder import generation_settings, keyed_output_dir, settings_key, write_error
 
 PART_PREFIX = "answers.part"
@@ -79,8 +83,6 @@ def generate_shard(model, questions: Sequence[Question], image_folder: Optional[
     drop_torn_tail(part)
     chunks = batched(todo, batch_size)
     if progress and todo:
-        from tqdm import tqdm
-
         chunks = tqdm(chunks, total=-(-len(todo) // batch_size), desc=f"answering (rank {rank})", unit="batch",
                       disable=rank != 0 and world_size > 1)
     with part.open("a", encoding="utf-8") as sink:
@@ -180,10 +182,6 @@ def _run_benchmark(model, benchmark, question_file, output_dir, image_folder, an
                    max_new_tokens, limit, model_id, skip_missing_images, submission_questions, config,
                    merge_wait_s, progress, identity, protocol="official", seed=None,
                    allow_outside_paths=False):
-    from factory.eval.annotations import load_predictions
-    from factory.eval.benchmarks import get_benchmark, score_and_export
-    from factory.eval.official import DEFAULT_SEED, check_protocol
-
     bench = get_benchmark(benchmark)
     check_protocol(protocol)  # before generating, not after
     rank, world = dist_env()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from factory.errors import FactoryError
+from factory.eval.annotations import load_predictions
 from factory.eval.benchmarks import export_answers, get_benchmark, score_answers
 from factory.eval.official import DEFAULT_PROTOCOL, DEFAULT_SEED, PROTOCOLS, check_protocol
 
@@ -22,8 +23,6 @@ def score_file(benchmark: str, predictions: Path, annotations: Optional[Path] = 
                questions: Optional[Path] = None, submission_dir: Optional[Path] = None,
                strict: bool = False, protocol: str = DEFAULT_PROTOCOL, seed: int = DEFAULT_SEED) -> Dict[str, Any]:
     """Score (and/or export) one answer file; returns the metrics dict the CLI prints (with ``protocol``)."""
-    from factory.eval.annotations import load_predictions
-
     check_protocol(protocol)
     bench = get_benchmark(benchmark)
     rows = load_predictions(Path(predictions))

@@ -9,26 +9,17 @@
 from __future__ import annotations
 
 import contextlib
-import json
-from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from factory.errors import FactoryError
+from factory.model.llava import LlavaModel
+from factory.model.loading import node_get, resolve_dtype
 from factory.registry import CONNECTORS, LLMS, VISION_ENCODERS
 
-ARCH_DIR = Path(__file__).resolve().parent / "arch"
 INIT_MODES = ("pretrained", "random", "meta")
-
-
-def node_get(node: Any, key: str, default: Any = None) -> Any:
-    """Read an optional key from a DictConfig or a plain dict (missing or null → default)."""
-    if node is None:
-        return default
-    value = node.get(key, default) if hasattr(node, "get") else getattr(node, key, default)
-    return default if value is None else value
 
 
 def check_init(init: str) -> str:
@@ -38,66 +29,6 @@ def check_init(init: str) -> str:
             "pretrained loads each component's `path`, random/meta build from the shipped `arch` file."
         )
     return init
-
-
-def from_pretrained_or_explain(model_class: Any, path: Any, key: str, what: str, **kwargs: Any) -> Any:
-    """`model_class.from_pretrained(path, **kwargs)`, with a missing/unreadable model reported as a FactoryError that
-    names the config key instead of a stack trace from the hub client."""
-    try:
-        return model_class.from_pretrained(str(path), **kwargs)
-    except (OSError, ValueError) as err:
-        raise FactoryError(
-            f"Could not load the {what} from `{key}` = {path!r}: {err}. Check the hub id or the local folder (it "
-            "needs config.json and the weights); offline, download it first."
-        ) from None
-
-
-def load_arch(node: Any, component: str) -> Dict[str, Any]:
-    """The architecture dict for init=random|meta: `arch` is a name in factory/model/arch/ or a path to a JSON file.
-
-    `arch_overrides` (optional mapping in the same config node) replaces single fields, e.g. a 2-layer variant.
-    """
-    arch = node_get(node, "arch")
-    if not arch:
-        raise FactoryError(
-            f"The {component} config has no `arch`, which init=random|meta needs to build the model offline. "
-            f"Set `{component}.arch` to one of: {', '.join(available_archs())} (or a path to a config.json), "
-            "or use init=pretrained."
-        )
-    path = Path(str(arch)).expanduser()
-    if not (path.suffix == ".json" and path.is_file()):
-        path = ARCH_DIR / f"{arch}.json"
-    if not path.is_file():
-        raise FactoryError(
-            f"Architecture {arch!r} (config key `{component}.arch`) was not found: neither a JSON file nor a name "
-            f"in {ARCH_DIR}. Available names: {', '.join(available_archs())}."
-        )
-    try:
-        values = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise FactoryError(f"Architecture file {path} is not valid JSON ({err}). Fix or replace the file.") from None
-    overrides = node_get(node, "arch_overrides", {})
-    if isinstance(overrides, DictConfig):
-        overrides = OmegaConf.to_container(overrides, resolve=True)
-    values.update(dict(overrides))
-    return values
-
-
-def available_archs():
-    return sorted(p.stem for p in ARCH_DIR.glob("*.json"))
-
-
-def resolve_dtype(dtype: Any) -> torch.dtype:
-    """None → float32 (CPU default); accepts torch dtypes and the usual strings (bf16, fp16, fp32...)."""
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-             "fp16": torch.float16, "float16": torch.float16}
-    if str(dtype) not in names:
-        raise FactoryError(f"Unknown dtype {dtype!r}. Use one of: {', '.join(names)}.")
-    return names[str(dtype)]
 
 
 def _section(cfg: Any, key: str) -> Any:
@@ -114,8 +45,6 @@ def _section(cfg: Any, key: str) -> Any:
 
 def build_model(cfg: Any, dtype: Optional[Any] = None):
     """Build a LlavaModel from `cfg.vision`, `cfg.connector`, `cfg.llm` and `cfg.init`."""
-    from factory.model.llava import LlavaModel
-
     if isinstance(cfg, Mapping) and not isinstance(cfg, DictConfig):
         cfg = OmegaConf.create(dict(cfg))
     init = check_init(str(node_get(cfg, "init", "pretrained")))

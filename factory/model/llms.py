@@ -18,9 +18,10 @@ from typing import Any, Optional, Tuple
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from factory.errors import FactoryError
-from factory.model.build import from_pretrained_or_explain, load_arch, node_get
+from factory.model.loading import from_pretrained_or_explain, load_arch, node_get
 from factory.registry import LLMS
 
 
@@ -35,8 +36,6 @@ def remote_code_flag(cfg: Any) -> bool:
 
 def load_tokenizer(cfg: Any, init: str, pad_with_unk: bool):
     """The tokenizer named by `tokenizer` (or `path`); None is allowed only for init=meta (parameter counting)."""
-    from transformers import AutoTokenizer
-
     source = node_get(cfg, "tokenizer") or node_get(cfg, "path")
     if not source:
         if init == "meta":
@@ -67,8 +66,6 @@ def load_tokenizer(cfg: Any, init: str, pad_with_unk: bool):
 
 
 def load_causal_lm(cfg: Any, init: str, dtype: torch.dtype) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     attn = str(node_get(cfg, "attn_implementation", "sdpa"))
     remote = remote_code_flag(cfg)
     if init == "pretrained":

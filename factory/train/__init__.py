@@ -1,19 +1,16 @@
-"""Two-stage training on a DeepSpeed engine (see runner.run for the flow, loop.train_stage for one stage).
+"""Two-stage training on a DeepSpeed engine: `factory.train.runner.run(cfg)` is the recipe behind `python train.py`
+(see runner.py for the flow, loop.py for one stage). Checkpoints are read with `factory.load_checkpoint`
+(factory/checkpoint.py, the layer below train and eval).
 
-Imports are lazy so that `import factory.train` (and `python train.py --cfg job`) stay cheap."""
+Its `run` imports the runner when called, so that `python train.py --cfg job` (which imports train/hydra_folders.py)
+stays cheap."""
 
 
 def run(cfg):
     """Run the stages of `cfg.stage.run`, save `<run_dir>/<stage>/` checkpoints, evaluate; returns a summary."""
-    from factory.train.runner import run as _run
+    from factory.train.runner import run as _run  # torch + deepspeed: `import factory.train` stays cheap
 
     return _run(cfg)
 
 
-def load_checkpoint(path, device: str = "cpu", dtype=None):
-    from factory.train.checkpoint import load_checkpoint as _load
-
-    return _load(path, device=device, dtype=dtype)
-
-
-__all__ = ["run", "load_checkpoint"]
+__all__ = ["run"]

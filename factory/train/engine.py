@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
+import deepspeed
 import torch
 from omegaconf import OmegaConf
 
+from factory.constants import PRECISIONS
 from factory.errors import FactoryError
+from factory.safe_checkpoint_engine import install_safe_checkpoint_engine
 from factory.train.optim import build_optimizer, cosine_with_warmup
-
-PRECISIONS = ("auto", "fp32", "bf16")
-
 
 def select_dtype(precision: str, device: torch.device) -> torch.dtype:
     """auto: bf16 on GPU, fp32 on CPU (bf16 matmuls are 5-10x slower than fp32 on CPUs without AMX)."""
@@ -52,20 +52,7 @@ def _standard_strides(model: torch.nn.Module) -> None:
                 param.data = torch.empty(param.shape, dtype=param.dtype, device=param.device).copy_(param.data)
 
 
-def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Every floating-point parameter to `dtype`, buffers untouched (rotary inv_freq stays fp32): the cast
-    `deepspeed.initialize` applies to the module in bf16 mode, so that a checkpoint reloaded in that dtype runs the
-    exact model that trained. Without it, adapters that PEFT or a tuner keep in fp32 would compute in fp32 after a
-    reload while training computed them in bf16."""
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.is_floating_point() and param.dtype != dtype:
-                param.data = param.data.to(dtype)
-
-
 def create_engine(model: torch.nn.Module, hparams: Any, ds_config: Dict[str, Any], total_steps: int):
-    import deepspeed
-
     _standard_strides(model)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -74,7 +61,5 @@ def create_engine(model: torch.nn.Module, hparams: Any, ds_config: Dict[str, Any
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, dist_init_required=False)
     # Resume state is read with weights_only loads (a crafted file in a run folder must not run code).
-    from factory.train.safe_checkpoint_engine import install_safe_checkpoint_engine
-
     install_safe_checkpoint_engine(engine)
     return engine, scheduler

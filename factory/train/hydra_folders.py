@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
@@ -15,10 +16,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf, open_dict, read_write
+
 from factory.errors import FactoryError
 from factory.train.run_folder import prepare_folder
-
-from hydra.experimental.callback import Callback
 
 
 # Keys a sweep varies (`tuner=mores,lora`), noted by PrepareRunFolder.on_multirun_start; None: unknown (then every
@@ -27,11 +30,15 @@ _SWEPT_KEYS: Optional[set] = None
 NOT_IN_JOB_NAME = ("run_dir", "resume", "overwrite")  # the same jobs must map to the same folders on resume
 
 
+def register_sweep_resolver() -> None:
+    """Make `${sweep_job_dirname:...}` (configs/train.yaml's hydra.sweep.subdir) known to OmegaConf."""
+    if not OmegaConf.has_resolver("sweep_job_dirname"):
+        OmegaConf.register_new_resolver("sweep_job_dirname", sweep_job_dirname)
+
+
 def sweep_job_dirname(num, overrides) -> str:
     """`${sweep_job_dirname:${hydra.job.num},${hydra.overrides.task}}` (configs/train.yaml): `<num>_<the job's values
     of the swept keys>`, one folder level (no '/'), at most 120 characters (longer names end in a hash)."""
-    import hashlib
-
     items = []
     for item in (str(o) for o in overrides):
         key = item.split("=", 1)[0].lstrip("+~")
@@ -70,16 +77,12 @@ class PrepareRunFolder(Callback):
         self._prepare(wanted.parent)
         claimed = claim_fresh_folder(wanted)
         if claimed != wanted:
-            from omegaconf import open_dict, read_write
-
             with read_write(config), open_dict(config):
                 config.run_dir = str(claimed)  # hydra.run.dir is ${run_dir}; Hydra runs the job with this config
 
     def on_multirun_start(self, config, **kwargs) -> None:
         global _SWEPT_KEYS
         try:
-            from hydra.core.override_parser.overrides_parser import OverridesParser
-
             parsed = OverridesParser.create().parse_overrides([str(o) for o in config.hydra.overrides.task])
             _SWEPT_KEYS = {o.key_or_group for o in parsed if o.is_sweep_override()}
         except Exception:  # an unparsable override fails Hydra itself with its own message

@@ -10,21 +10,25 @@ micro-batches on all ranks), not the mean of per-micro-batch means. That makes 2
 from __future__ import annotations
 
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+import factory
+from factory import checkpoint as ckpt
 from factory.constants import IGNORE_INDEX
 from factory.errors import FactoryError
 from factory.model.llava import token_loss_sum
-from factory.train import checkpoint as ckpt
-from factory.train.distributed import DistInfo, all_reduce_sum
+from factory.distributed import DistInfo, all_reduce_sum
 from factory.train.engine import create_engine, deepspeed_config
 from factory.train.sampler import BatchPlan, GlobalBatchSampler
-from factory.train.stages import StageSpec, gradient_accumulation
+from factory.stages import StageSpec, gradient_accumulation
 
 
 @dataclass
@@ -67,8 +71,6 @@ def _to_device(batch: Dict[str, Any], device: torch.device, dtype: torch.dtype) 
 
 def stage_meta(spec: StageSpec, cfg: Any, model: Any, plan: BatchPlan, step: int, total_steps: int,
                bad_samples: int = 0) -> Dict[str, Any]:
-    import factory
-
     return {
         "stage": spec.name, "template": spec.template, "tune": spec.tune,
         "tuner": cfg.tuner.get("name") if spec.tune.get("llm") == "tuner" else None,
@@ -195,10 +197,6 @@ def train_stage(model: torch.nn.Module, spec: StageSpec, dataset, collate_fn: Ca
 
 
 def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -217,6 +215,4 @@ def _next_batch(batches):
 
 
 def _progress_bar(enabled: bool, stage: str, total: int, initial: int):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=initial, desc=stage, disable=not enabled, dynamic_ncols=True)

@@ -55,7 +55,7 @@ class WandbLogger:
         mode = os.environ.get("WANDB_MODE") or (logger_cfg or {}).get("mode", "offline")
         if not enabled or name == "none" or mode == "disabled":
             return
-        import wandb
+        import wandb  # optional: only a run that logs to Weights & Biases needs it installed
 
         self.run = wandb.init(
             project=logger_cfg.get("project", "factory"),

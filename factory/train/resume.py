@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Set, Tuple
 
+from omegaconf import OmegaConf
+
+from factory import checkpoint as ckpt
 from factory.errors import FactoryError
-from factory.train import checkpoint as ckpt
 
 
 @dataclass
@@ -92,8 +94,6 @@ def config_changes(old: Dict[str, Any], new: Dict[str, Any]) -> Dict[str, Tuple[
 def check_resume_config(cfg, run_dir: Path, point: ResumePoint) -> Dict[str, Tuple[Any, Any]]:
     """Compare the new resolved config with the config.yaml of every checkpoint the resume builds on. Refuse
     (FactoryError, diff-style) any change that alters training; return the safe changes, to be recorded."""
-    from omegaconf import OmegaConf
-
     new = OmegaConf.to_container(cfg, resolve=True)
     stages = sorted(point.completed) + ([point.stage] if point.stage else [])
     safe: Dict[str, Tuple[Any, Any]] = {}

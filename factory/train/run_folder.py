@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from omegaconf import OmegaConf
+
 from factory.errors import FactoryError
 
 LOCK_FILE = "run.lock"
@@ -336,8 +338,6 @@ def write_invocation(run_dir: Path, cfg, overrides: Optional[List[str]], resumed
     """`.hydra/config.yaml` and `overrides.yaml` of this invocation (Hydra's own copy is switched off in
     configs/train.yaml because Hydra writes it before any check, over the files of the run a check then refuses).
     A resume keeps the original's and adds `.hydra/resume-<time>/`."""
-    from omegaconf import OmegaConf
-
     folder = run_dir / ".hydra"
     if resumed and (folder / "config.yaml").exists():
         folder = folder / f"resume-{time.strftime('%Y%m%d-%H%M%S')}"

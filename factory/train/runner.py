@@ -2,8 +2,9 @@
 
 distributed setup → the run folder (rank 0 creates and locks it; a folder holding an earlier run is refused unless
 resume=true, whose config must match the checkpoints', or overwrite=true; see run_folder.py and resume.py) → data
-(the micro-world is generated on first use) → for each stage of the plan: build the model, load the previous stage's
-weights, apply the stage's tuning, train, save `<run_dir>/<stage>/` → micro-world evaluation → a summary dict
+(a generated data set, the micro-world, is made on first use) → for each stage of the plan: build the model, load the previous stage's
+weights, apply the stage's tuning, train, save `<run_dir>/<stage>/` → the after-training evaluation named by
+`eval.name` (AFTER_TRAINING registry; the micro-world by default) → a summary dict
 (train.py prints it as the last stdout line).
 """
 from __future__ import annotations
@@ -13,15 +14,26 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from factory import checkpoint as ckpt
+from factory.data import LlavaJsonDataset, collate, get_template
+from factory.data.llava_json import data_options
+from factory.data.prepare import prepare_data
+from factory.data.verify import verify_run_data
+from factory.distributed import barrier, broadcast_object, init_distributed
 from factory.errors import FactoryError
-from factory.train import checkpoint as ckpt
-from factory.train.distributed import barrier, broadcast_object, init_distributed
+from factory.model.build import build_model
+from factory.registry import AFTER_TRAINING
+from factory.safe_load import remote_code_requests
+from factory.stages import StageSpec, plan_stages
+from factory.tuners import apply_tuning
 from factory.train.engine import select_dtype
 from factory.train.loop import StageContext, train_stage
 from factory.train.metrics import MetricsFile, WandbLogger
@@ -29,7 +41,6 @@ from factory.train.resume import (ResumePoint, check_resume_config, describe_cha
                                   recover_interrupted_saves)
 from factory.train.run_folder import (RunLock, drop_replaced, environment_fault_message, inspect_folder, move_aside,
                                       prepare_folder, refuse_reuse, write_invocation)
-from factory.train.stages import StageSpec, plan_stages
 
 
 def run(cfg: DictConfig) -> Dict[str, Any]:
@@ -96,13 +107,16 @@ def _train(cfg: DictConfig, dist, started: float, run_dir: Path, stages, dtype, 
             results[spec.name] = result.summary()
             ctx.step_offset += result.steps
             previous, last_spec = result.checkpoint, spec
-        evaluation = _evaluate(cfg, dist, model, previous, last_spec)
+        evaluation = evaluate_after_training(cfg, dist, model, previous, last_spec)
     finally:
         logger.finish()
 
-    summary = {"run_dir": str(run_dir), "stages": results,
-               "microworld_accuracy": evaluation.get("accuracy"), "microworld_per_type": evaluation.get("per_type"),
-               "wall_s": round(time.time() - started, 2)}
+    summary: Dict[str, Any] = {"run_dir": str(run_dir), "stages": results}
+    eval_name = (cfg.get("eval") or {}).get("name")
+    if eval_name:  # the keys are there (null) when the evaluation did not run, so summaries have one shape
+        summary[f"{eval_name}_accuracy"] = evaluation.get("accuracy")
+        summary[f"{eval_name}_per_type"] = evaluation.get("per_type")
+    summary["wall_s"] = round(time.time() - started, 2)
     if opened.resumed_record:
         summary["resumed"] = opened.resumed_record
     for name, stage in results.items():
@@ -186,8 +200,6 @@ def _decide(cfg: DictConfig, run_dir: Path, stage_names, lock: RunLock) -> Opene
 def _hydra_overrides():
     """The command-line overrides of this job when train.py runs it under Hydra (None when called directly)."""
     try:
-        from hydra.core.hydra_config import HydraConfig
-
         return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
     except Exception:
         return None
@@ -206,16 +218,12 @@ def record_resume(checkpoint: Optional[Path], record: Dict[str, Any]) -> None:
 
 
 def _prepare_data(cfg: DictConfig, dist) -> None:
-    """Generate the micro-world once (rank 0), then let the other ranks find it cached."""
-    if cfg.data.get("name") != "microworld":
-        return
-    from factory.data.microworld import ensure_microworld
-
+    """A generated data set (the micro-world) is generated once by rank 0; the other ranks then find it cached."""
     if dist.is_main:
-        ensure_microworld(cfg.data)
+        prepare_data(cfg.data)
     barrier()
     if not dist.is_main:
-        ensure_microworld(cfg.data)
+        prepare_data(cfg.data)
 
 
 def _initial_stage1_checkpoint(cfg: DictConfig, stages) -> Optional[Path]:
@@ -236,9 +244,6 @@ def _initial_stage1_checkpoint(cfg: DictConfig, stages) -> Optional[Path]:
 def build_stage_model(cfg: DictConfig, spec: StageSpec, stage1: Optional[Path], dtype: torch.dtype):
     """A fresh model for a stage: base weights (seeded, so init=random is reproducible by load_checkpoint),
     then the stage-1 weights when starting stage 2, then this stage's tuning."""
-    from factory.model.build import build_model
-    from factory.tuners import apply_tuning
-
     # Everything random here (base weights for init=random, connector and tuner initialisation) comes from the
     # run's seed, so identical configs give identical models in every process and after a resume.
     with torch.random.fork_rng(devices=[]):
@@ -253,11 +258,6 @@ def build_stage_model(cfg: DictConfig, spec: StageSpec, stage1: Optional[Path], 
 
 
 def build_dataset(cfg: DictConfig, spec: StageSpec, model):
-    from functools import partial
-
-    from factory.data import LlavaJsonDataset, collate, get_template
-    from factory.data.llava_json import data_options
-
     dataset = LlavaJsonDataset(
         json_path=str(spec.data.json), image_folder=str(spec.data.get("image_folder") or ""),
         tokenizer=model.tokenizer, template=get_template(spec.template),
@@ -267,42 +267,32 @@ def build_dataset(cfg: DictConfig, spec: StageSpec, model):
         **data_options(cfg.data),
     )
     if cfg.data.get("verify_images"):
-        from factory.data.verify import verify_run_data
-
         verify_run_data(cfg, spec, dataset, Path(str(cfg.run_dir)).expanduser().resolve())
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
     return dataset, partial(collate, pad_token_id=pad_id, padding_side="right")
 
 
-def _evaluate(cfg: DictConfig, dist, model, last_checkpoint: Optional[Path], last_spec) -> Dict[str, Any]:
-    """Held-out micro-world accuracy of the final model (rank 0 evaluates, everyone gets the numbers)."""
+def evaluate_after_training(cfg: DictConfig, dist, model, last_checkpoint: Optional[Path], last_spec) -> Dict[str, Any]:
+    """The after-training evaluation named by `eval.name` (AFTER_TRAINING registry, configs/eval/*.yaml) on the final
+    model: rank 0 evaluates, everyone gets the numbers. Only a stage-2 model is evaluated (a stage-1 model only
+    captions). Returns {} when nothing is evaluated."""
     eval_cfg = cfg.get("eval") or {}
-    if cfg.data.get("name") != "microworld" or last_checkpoint is None or eval_cfg.get("enabled", True) is False:
+    name = eval_cfg.get("name")
+    if not name or eval_cfg.get("enabled", True) is False or last_checkpoint is None:
         return {}
     if last_spec is None or last_spec.name != "instruct":
-        return {}  # a stage-1 model only captions; the question/answer split measures stage 2
-    evaluation = {}
+        return {}
+    evaluate = AFTER_TRAINING.get(str(name))
+    evaluation: Dict[str, Any] = {}
     if dist.is_main:
-        from factory.eval.microworld import evaluate_microworld, format_table
-
         if model is None or _is_zero3(cfg):  # ZeRO-3 left the in-memory weights partitioned
-            from factory.safe_load import remote_code_requests
-
             # this run's own checkpoint: remote code is allowed exactly when the run's config allowed it
             model = ckpt.load_checkpoint(last_checkpoint, device=str(dist.device),
                                          trust_remote_code=bool(remote_code_requests(cfg)))
         model.eval()
-        result = evaluate_microworld(model, cfg.data.eval.json, cfg.data.eval.image_folder,
-                                     **_eval_kwargs(eval_cfg))
-        print(format_table(result), file=sys.stderr, flush=True)
-        evaluation = {"accuracy": float(result["accuracy"]), "per_type": result.get("per_type")}
+        evaluation = evaluate(model, cfg) or {}
     return broadcast_object(evaluation)
 
 
 def _is_zero3(cfg: DictConfig) -> bool:
     return int(((cfg.get("deepspeed") or {}).get("zero_optimization") or {}).get("stage", 0)) == 3
-
-
-def _eval_kwargs(eval_cfg) -> Dict[str, Any]:
-    allowed = ("batch_size", "max_new_tokens", "limit")
-    return {k: eval_cfg[k] for k in allowed if k in eval_cfg and eval_cfg[k] is not None}

@@ -37,9 +37,7 @@ def score_vqav2(predictions: Rows, annotations: Path, questions: Optional[Path] 
 
 
 def score_vizwiz(predictions: Rows, annotations: Path, questions: Optional[Path] = None, strict: bool = False):
-    from factory.eval.benchmarks import attach_from_questions
-
-    predictions = attach_from_questions(predictions, questions, "image", "vizwiz")
+    predictions = ann.attach_from_questions(predictions, questions, "image", "vizwiz")
     joined = ann.join(predictions, ann.load_vizwiz_records(annotations), "vizwiz", annotations, key="image",
                       strict=strict)
     accs = [vqa.vqaeval_accuracy(row["text"], records, hold_out="position") for row, records in joined.pairs]

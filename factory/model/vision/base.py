@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from transformers import AutoConfig
 
 from factory.errors import FactoryError
-from factory.model.build import node_get
+from factory.model.loading import from_pretrained_or_explain, load_arch, node_get
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -148,10 +149,6 @@ class HFVisionEncoder(VisionEncoder):
         return self.default_mean, self.default_std
 
     def _load(self, cfg: Any, init: str, dtype: torch.dtype) -> nn.Module:
-        from transformers import AutoConfig
-
-        from factory.model.build import from_pretrained_or_explain, load_arch
-
         attn = str(node_get(cfg, "attn_implementation", "sdpa"))
         if init == "pretrained":
             path = node_get(cfg, "path")

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from factory.errors import FactoryError
-from factory.model.build import node_get
+from factory.model.loading import node_get
 from factory.model.vision.base import CLIP_MEAN, CLIP_STD, VisionEncoder, block_index
 from factory.registry import VISION_ENCODERS
 

@@ -6,13 +6,14 @@ its default pretrained weights); ``arch_overrides`` = extra timm.create_model ke
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from factory.errors import FactoryError
-from factory.model.build import node_get
+from factory.model.loading import node_get
 from factory.model.vision.base import HALF, VisionEncoder, block_index
 from factory.registry import VISION_ENCODERS
 
@@ -20,8 +21,6 @@ from factory.registry import VISION_ENCODERS
 @VISION_ENCODERS.register("timm")
 class TimmEncoder(VisionEncoder):
     def __init__(self, cfg: Any, init: str, dtype: torch.dtype):
-        import contextlib
-
         import timm  # imported here so that registering the encoder costs nothing
 
         name, path = node_get(cfg, "arch"), node_get(cfg, "path")

@@ -67,7 +67,7 @@ def _skip_deepspeed_shm_comm_build() -> None:
 
 def init_distributed() -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU) and return this process's place."""
-    import deepspeed
+    import deepspeed  # heavy (seconds to import): only a training process initialises the process group
 
     fill_single_process_env()
     local_rank = int(os.environ["LOCAL_RANK"])

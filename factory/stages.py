@@ -13,6 +13,7 @@ from typing import Any, Dict, List
 from omegaconf import DictConfig, OmegaConf
 
 from factory.errors import FactoryError
+from factory.tuners import all_frozen, check_tune
 
 STAGES = ("pretrain", "instruct")
 
@@ -39,9 +40,7 @@ def stage_names(cfg: DictConfig) -> List[str]:
 
 def tune_for_stage(cfg: DictConfig, stage: str) -> Dict[str, str]:
     """`stage.<stage>.tune`, a component left out being frozen, validated by the tuners' own table of tune types."""
-    from factory.tuners.freeze import TUNE_TYPES, check_tune
-
-    tune = {component: "frozen" for component in TUNE_TYPES}
+    tune = all_frozen()
     tune.update((cfg.stage.get(stage) or {}).get("tune") or {})
     return check_tune(tune, where=f"stage.{stage}.tune")
 

@@ -14,10 +14,18 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
 
+from factory.distributed import barrier
 from factory.errors import FactoryError
+from factory.model.build import build_model
+from factory.model.loading import cast_parameters, resolve_dtype
+from factory.safe_load import check_remote_code, load_torch_file
+from factory.stages import tune_for_stage
+from factory.tuners import apply_tuning
 
 CONFIG_FILE, WEIGHTS_FILE, META_FILE, ENGINE_DIR = "config.yaml", "trainable.safetensors", "meta.json", "deepspeed"
 ENGINE_TAG = "state"
@@ -30,7 +38,7 @@ def gather_trainable_state(engine) -> Dict[str, torch.Tensor]:
     model = engine.module if engine is not None else None
     params = [p for p in model.parameters() if p.requires_grad]
     if engine is not None and engine.zero_optimization_stage() == 3:
-        import deepspeed
+        import deepspeed  # heavy (seconds to import): only ZeRO-3 saves need it, never eval's loads
 
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             return {k: v.detach().cpu().clone().contiguous() for k, v in model.trainable_state_dict().items()}
@@ -38,8 +46,6 @@ def gather_trainable_state(engine) -> Dict[str, torch.Tensor]:
 
 
 def _rng_state() -> Dict[str, Any]:
-    import numpy as np
-
     np_state = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
              "python_version": random.getstate()[0], "python_gauss": random.getstate()[2],
@@ -50,8 +56,6 @@ def _rng_state() -> Dict[str, Any]:
 
 
 def _set_rng_state(state: Dict[str, Any]) -> None:
-    import numpy as np
-
     torch.set_rng_state(state["torch"])
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
     np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype("uint32"), state["numpy_pos"], 0, 0.0))
@@ -62,10 +66,6 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
 def save_stage_checkpoint(engine, cfg: DictConfig, out_dir: Path, meta: Dict[str, Any], rank: int,
                           with_engine_state: bool) -> Path:
     """Write `out_dir` atomically from every rank (collective). `meta` holds the stage facts (see stage_meta)."""
-    from safetensors.torch import save_file
-
-    from factory.train.distributed import barrier
-
     out_dir = Path(out_dir)
     tmp, old = out_dir.with_name(f".{out_dir.name}.tmp"), out_dir.with_name(f".{out_dir.name}.old")
     if rank == 0:
@@ -111,8 +111,8 @@ def load_engine_state(engine, ckpt_dir: Path, rank: int) -> None:
             f"{ckpt_dir} holds no resume state ({engine_dir}/{ENGINE_TAG} is missing), so the stage cannot continue "
             "mid-way. Checkpoints written with trainer.save_every=N carry it; start a new run_dir, or resume=false."
         )
-    from factory.safe_load import load_torch_file
-    from factory.train.safe_checkpoint_engine import SafeTorchCheckpointEngine
+    # imports deepspeed (seconds): only a resume needs it, never eval's load_checkpoint
+    from factory.safe_checkpoint_engine import SafeTorchCheckpointEngine
 
     if not isinstance(getattr(engine, "checkpoint_engine", None), SafeTorchCheckpointEngine):
         # another engine (a `checkpoint.writer` / datastates DeepSpeed config) would read the files with full pickle
@@ -169,8 +169,6 @@ def require_stage1_checkpoint(path: Path, key: str = "stage.init_from") -> Dict[
 
 
 def load_weights_file(path: Path) -> Dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     file = Path(path) / WEIGHTS_FILE
     try:
         return load_file(str(file))
@@ -194,9 +192,6 @@ def restore_trained_weights(model, path: Path, cfg: DictConfig, meta: Dict[str, 
     """Tune `model` the way the checkpoint's stage did (meta.json records it; a folder without that entry falls back
     to the stage plan of its config), then copy the trained weights in. One path for load_checkpoint and for
     stage 2 starting from stage 1."""
-    from factory.train.stages import tune_for_stage
-    from factory.tuners import apply_tuning
-
     apply_tuning(model, cfg.tuner, meta.get("tune") or tune_for_stage(cfg, meta["stage"]))
     load_trainable_into(model, path)
 
@@ -207,9 +202,6 @@ def load_checkpoint(path, device: str = "cpu", dtype: Optional[Any] = None, trus
 
     A config.yaml that sets `trust_remote_code` is refused unless the caller passes trust_remote_code=True (eval.py
     and chat.py: `trust_remote_code=true` on the command line): a checkpoint must not switch on code execution."""
-    from factory.model.build import build_model
-    from factory.safe_load import check_remote_code
-
     path = Path(str(path)).expanduser()
     meta = read_meta(path)
     try:
@@ -226,8 +218,5 @@ def load_checkpoint(path, device: str = "cpu", dtype: Optional[Any] = None, trus
     restore_trained_weights(model, path, cfg, meta)
     model.template = meta.get("template", model.template)
     if dtype is not None:  # as the bf16/fp32 engine held it in training, tuner weights included (PEFT keeps fp32)
-        from factory.model.build import resolve_dtype
-        from factory.train.engine import cast_parameters
-
         cast_parameters(model, resolve_dtype(dtype))
     return model.to(device).eval()
