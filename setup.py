@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 here = Path(__file__).parent
 requirements = [
@@ -9,14 +9,23 @@ requirements = [
     if line.split("#")[0].strip() and not line.startswith("pytest")
 ]
 
+# Data-only folders (model/arch, assets/microworld/...) are listed as packages too, so that setuptools ships them
+# without warning that it would otherwise ignore them.
+PACKAGES = find_namespace_packages(include=["factory", "factory.*"], exclude=["*__pycache__*"])
+# configs/ stays at the repository root (train.py, eval.py and users of the clone read it there); an installed
+# package carries it as factory/configs, where factory.config looks first.
+CONFIG_PACKAGES = ["factory.configs"] + [f"factory.configs.{group}" for group in
+                                         find_namespace_packages(where=str(here / "configs"), exclude=["*__pycache__*"])]
+
 setup(
     name="factory",
     version="0.1.0",
     description="Compose LLaVA-style multimodal models from registered components and train them with MoReS",
     long_description=(here / "README.md").read_text() if (here / "README.md").exists() else "",
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["factory", "factory.*"]),
-    package_data={"factory": ["model/arch/*.json", "assets/**/*", "configs/**/*.yaml"]},
+    packages=PACKAGES + CONFIG_PACKAGES,
+    package_dir={"factory.configs": "configs"},
+    package_data={"factory": ["model/arch/*.json", "assets/**/*"], **{p: ["*.yaml"] for p in CONFIG_PACKAGES}},
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=requirements,
