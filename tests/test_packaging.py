@@ -88,3 +88,16 @@ def test_train_config_composes_and_passes_the_checks_from_another_folder(install
             "print(OmegaConf.to_yaml(cfg))\n")
     out = run([python, "-c", code], elsewhere, env)
     assert "name: mores" in out and "rank: 1" in out and "vicuna" in out
+
+
+def test_installed_transformers_is_in_the_pinned_range():
+    """requirements.txt pins transformers to the versions the suite has run with; this environment must be one."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    import transformers
+
+    line = next(l for l in (ROOT / "requirements.txt").read_text().splitlines() if l.startswith("transformers"))
+    requirement = Requirement(line.split("#")[0].strip())
+    assert requirement.specifier.contains(Version(transformers.__version__)), (transformers.__version__, line)
+    assert not requirement.specifier.contains(Version("6.0")) and not requirement.specifier.contains(Version("5.40"))
