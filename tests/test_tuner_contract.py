@@ -85,6 +85,29 @@ def test_every_tuner_config_names_a_registered_tuner_and_every_tuner_is_document
     assert names == set(TUNERS)
 
 
+def test_every_module_is_discovered_and_every_tuner_class_is_registered_under_its_name():
+    """No import list: each file of factory/tuners is imported, and a Tuner class with a `name` that forgot
+    @register_tuner (so it would silently not exist) fails here."""
+    import importlib
+    import inspect
+
+    import factory.tuners
+    from factory.registry import TUNERS as REGISTRY
+    from factory.tuners import TUNER_MODULES
+    from factory.tuners.base import Tuner
+
+    files = {p.stem for p in Path(factory.tuners.__file__).parent.glob("*.py")} - {"__init__"}
+    assert {m.rsplit(".", 1)[1] for m in TUNER_MODULES} == files
+    classes = {}
+    for module_name in TUNER_MODULES:
+        for obj in vars(importlib.import_module(module_name)).values():
+            if inspect.isclass(obj) and issubclass(obj, Tuner) and obj.__module__ == module_name \
+                    and obj.__dict__.get("name"):
+                classes[obj.__dict__["name"]] = obj
+    assert set(classes) == set(TUNERS)
+    assert all(REGISTRY.get(name) is cls for name, cls in classes.items())
+
+
 @pytest.mark.parametrize("llm", ["phi", "llama"])
 @pytest.mark.parametrize("tuner", TUNERS)
 def test_attach_and_trainable_set(tuner, llm):
