@@ -14,8 +14,8 @@ requirements = [
 PACKAGES = find_namespace_packages(include=["factory", "factory.*"], exclude=["*__pycache__*"])
 # configs/ stays at the repository root (train.py, eval.py and users of the clone read it there); an installed
 # package carries it as factory/configs, where factory.config looks first.
-CONFIG_PACKAGES = ["factory.configs"] + [f"factory.configs.{group}" for group in
-                                         find_namespace_packages(where=str(here / "configs"), exclude=["*__pycache__*"])]
+CONFIG_GROUPS = find_namespace_packages(where=str(here / "configs"), exclude=["*__pycache__*"])
+CONFIG_PACKAGES = ["factory.configs"] + [f"factory.configs.{group}" for group in CONFIG_GROUPS]
 
 setup(
     name="factory",

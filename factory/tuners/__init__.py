@@ -136,7 +136,9 @@ def merge_for_export(model: nn.Module) -> nn.Module:
     """Fold a mergeable tuner (lora, ia3, oft) into the LLM weights in place and return the model."""
     name = getattr(model, "applied_tuner", None)
     if name is None:
-        raise FactoryError("No tuner has been applied to this model (apply_tuning with tune.llm=tuner), nothing to merge.")
+        raise FactoryError(
+            "No tuner has been applied to this model (apply_tuning with tune.llm=tuner), so there is nothing to merge."
+        )
     TUNERS.get(name)({}).merge_for_export(model)
     model.applied_tuner = None
     return model

@@ -6,7 +6,7 @@ Which projection is "the key projection" or "the FFN down projection" is looked 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, Tuple
+from typing import Dict, Tuple
 
 import torch
 from torch import nn
@@ -81,8 +81,3 @@ def module_device(module: nn.Module) -> torch.device:
     for tensor in module.parameters():
         return tensor.device
     return torch.device("cpu")
-
-
-def set_trainable(params: Iterable[nn.Parameter]) -> None:
-    for param in params:
-        param.requires_grad_(True)

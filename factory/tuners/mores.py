@@ -23,11 +23,10 @@ answer through the KV cache).
 """
 from __future__ import annotations
 
-from functools import partial
-from dataclasses import dataclass
-from typing import List, Optional, Sequence, Union
-
 import contextlib
+from dataclasses import dataclass
+from functools import partial
+from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -36,8 +35,8 @@ from torch.nn.utils.parametrizations import orthogonal
 from factory.errors import FactoryError
 from factory.tuners.arch import hidden_size, llm_layers, module_device
 from factory.tuners.base import Tuner, register_tuner
-from factory.tuners.options import in_range, one_of
 from factory.tuners.mores_positions import parse_layers, parse_positions, select_positions
+from factory.tuners.options import in_range, one_of
 
 
 class MoReSIntervention(nn.Module):
