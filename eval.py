@@ -1,9 +1,44 @@
 """Evaluate a checkpoint: `python eval.py checkpoint=<dir> benchmark=<name> question_file=... image_folder=...
-annotations=...` (settings: configs/eval/benchmark.yaml; logic: factory/eval/cli.py). Add `analysis=imbalance` for
-the modality-imbalance analysis. Launch with torchrun to shard the questions over several processes."""
+annotations=...`, a Hydra app like train.py (root config: configs/eval.yaml; groups `benchmark` and `debug`, e.g.
+`debug=fast` for a quick development run; logic: factory/eval/cli.py). Add `analysis=imbalance` for the
+modality-imbalance analysis. Launch with torchrun to shard the questions over several processes. The settings are
+checked before the model loads; user errors end with one message and exit 2."""
 import sys
 
-from factory.eval.cli import main
+import hydra
+from omegaconf import DictConfig
+
+from factory.command_line import check_overrides
+from factory.config import register_resolvers
+from factory.errors import FactoryError
+
+USER_ERROR = 2
+_job_started = False  # tells a config error from Hydra (before the job) apart from an error inside the job
+
+
+@hydra.main(config_path="configs", config_name="eval", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    global _job_started
+    _job_started = True
+    from factory.eval.cli import run_app  # torch + transformers only once a job runs (--help, --cfg stay quick)
+
+    code = run_app(cfg)
+    if code:
+        sys.exit(code)
+
 
 if __name__ == "__main__":
-    sys.exit(main())
+    register_resolvers()
+    try:
+        check_overrides(sys.argv[1:], "eval", "eval.py", "e.g. checkpoint=runs/x/instruct benchmark=pope",
+                        flags_allowed=True)
+    except FactoryError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(USER_ERROR)
+    try:
+        main()
+    except SystemExit as exit_:
+        # Hydra reports a bad override / unknown option in a few lines and exits 1; that is a user error.
+        if exit_.code == 1 and not _job_started:
+            sys.exit(USER_ERROR)
+        raise

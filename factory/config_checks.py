@@ -120,7 +120,7 @@ RULES: Dict[str, Rule] = {
 }
 
 
-# eval.py's settings (configs/eval/benchmark.yaml), checked with check_eval_config.
+# eval.py's settings (configs/eval.yaml), checked with check_eval_config.
 EVAL_RULES: Dict[str, Rule] = {
     "batch_size": _number(lo=1, integer=True),
     "max_new_tokens": _number(lo=1, integer=True, nullable=True),
@@ -192,7 +192,8 @@ def _root_keys(config_dir: Path, root_file: str = "train.yaml") -> Set[str]:
     raw = OmegaConf.to_container(OmegaConf.load(Path(config_dir) / root_file), resolve=False) or {}
     groups = {next(iter(e)) if isinstance(e, dict) else e for e in raw.pop("defaults", [])}
     raw.pop("hydra", None)
-    return {str(g).split("/")[-1].split("@")[0] for g in groups if g != "_self_"} | set(raw)
+    return {str(g).split("/")[-1].split("@")[0] for g in groups
+            if g != "_self_" and not str(g).startswith("override ")} | set(raw)
 
 
 def _is_known(path: str, known: Dict[str, Any]) -> bool:
@@ -220,7 +221,7 @@ def config_problems(cfg: DictConfig, groups: Iterable[str] = CHECKED_GROUPS, roo
                     config_dir: Path = CONFIG_DIR, root_file: str = "train.yaml",
                     rules: Optional[Dict[str, Rule]] = None) -> List[str]:
     """Every problem of `cfg` as one sentence each. `root_file` (relative to config_dir) defines the root keys and
-    `rules` the type table: defaults are train.py's; eval tools pass their own (e.g. eval/benchmark.yaml)."""
+    `rules` the type table: defaults are train.py's; eval tools pass their own (e.g. eval.yaml)."""
     try:
         data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     except Exception as err:  # an interpolation that cannot be resolved
@@ -284,7 +285,7 @@ def check_config(cfg: DictConfig, groups: Iterable[str] = CHECKED_GROUPS, root: 
         )
 
 
-def check_eval_config(cfg: DictConfig, defaults_file: Path = CONFIG_DIR / "eval" / "benchmark.yaml") -> None:
-    """eval.py's settings: the keys of its defaults file (configs/eval/benchmark.yaml) and EVAL_RULES."""
+def check_eval_config(cfg: DictConfig, defaults_file: Path = CONFIG_DIR / "eval.yaml") -> None:
+    """eval.py's settings: the keys of its root config (configs/eval.yaml) and EVAL_RULES."""
     check_config(cfg, groups=(), root=True, config_dir=Path(defaults_file).parent,
                  root_file=Path(defaults_file).name, rules=EVAL_RULES)

@@ -16,7 +16,7 @@ PACKAGE = ROOT / "factory"
 # Bottom to top: a module may import modules of its own layer or of a layer listed before it (docs/architecture.md).
 LAYERS = [
     ("core", ("factory.errors", "factory.constants", "factory.registry", "factory.text_files", "factory.safe_load",
-              "factory.config", "factory.distributed", "factory.safe_checkpoint_engine")),
+              "factory.config", "factory.command_line", "factory.distributed", "factory.safe_checkpoint_engine")),
     ("model", ("factory.model",)),
     ("tuners", ("factory.tuners",)),
     ("stages", ("factory.stages",)),

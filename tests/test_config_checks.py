@@ -110,14 +110,16 @@ def test_train_py_validates_before_any_work(tmp_path):
 
 
 def test_usable_by_other_entry_points_with_their_own_root_file_and_rules():
-    """eval.py's settings (configs/eval/benchmark.yaml) checked with the same machinery and a table of its own."""
+    """eval.py's settings (configs/eval.yaml) checked with the same machinery and a table of its own."""
     from omegaconf import OmegaConf
 
     from factory.config_checks import _number
 
-    cfg = OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "eval" / "benchmark.yaml"),
-                          OmegaConf.from_dotlist(["checkpoint=runs/a/instruct", "batch_size=abc", "bench=pope"]))
-    found = config_problems(cfg, groups=(), root_file="eval/benchmark.yaml",
+    base = OmegaConf.load(CONFIG_DIR / "eval.yaml")
+    for composition_only in ("defaults", "hydra"):  # what Hydra consumes while composing
+        del base[composition_only]
+    cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(["checkpoint=runs/a/instruct", "batch_size=abc", "bench=pope"]))
+    found = config_problems(cfg, groups=(), root_file="eval.yaml",
                             rules={"batch_size": _number(lo=1, integer=True)})
     assert found[0].startswith("`bench` is not a setting (nothing reads it, it would be silently ignored); did you "
                                "mean benchmark?")

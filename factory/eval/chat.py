@@ -1,5 +1,5 @@
 """Talk to a checkpoint about one image: `python chat.py checkpoint=<dir> image=<file>` (interactive, multi-turn)
-or add `question="..."` for one answer printed to stdout."""
+or add `question="..."` for one answer printed to stdout. chat.py is a Hydra app (configs/chat.yaml)."""
 from __future__ import annotations
 
 import sys
@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
-from omegaconf import OmegaConf
 
 from factory.checkpoint import load_checkpoint
+from factory.command_line import compose_app, missing_checkpoint
 from factory.constants import IMAGE_MARKER
 from factory.data.templates import image_first_text
 from factory.errors import FactoryError
@@ -54,17 +54,28 @@ class ChatSession:
         return answer
 
 
+ROOT_CONFIG = "chat"  # configs/chat.yaml
+USAGE = ("checkpoint=<dir> image=<file> [question=...] [max_new_tokens=N] [device=cpu|cuda] "
+         "[trust_remote_code=true]")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """`python chat.py <argv>` in-process: compose configs/chat.yaml with the arguments, then chat."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        bad = [a for a in argv if "=" not in a]
-        if bad:
-            raise FactoryError(f"Arguments must be key=value (checkpoint=<dir> image=<file> [question=...] "
-                               f"[max_new_tokens=N] [device=cpu|cuda] [trust_remote_code=true]); got {bad}.")
-        cfg = OmegaConf.merge({"checkpoint": None, "image": None, "question": None, "max_new_tokens": 256,
-                               "device": "auto", "trust_remote_code": False}, OmegaConf.from_dotlist(argv))
-        if cfg.checkpoint is None:
-            raise FactoryError("chat.py needs checkpoint=<folder> (a <run_dir>/<stage> folder written by train.py).")
+        cfg = compose_app(argv, ROOT_CONFIG, "chat.py", USAGE)
+    except FactoryError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return run_app(cfg)
+
+
+def run_app(cfg) -> int:
+    """The job of chat.py's Hydra app (and of `main`): one answer for question=..., else a terminal chat."""
+    try:
+        problem = missing_checkpoint(cfg, "chat.py")
+        if problem:
+            raise FactoryError(problem)
         model = load_checkpoint(cfg.checkpoint, device=pick_device(cfg.device),
                                 trust_remote_code=remote_code_opt_in(cfg, "chat.py"))
         session = ChatSession(model, cfg.image, int(cfg.max_new_tokens))

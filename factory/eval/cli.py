@@ -1,7 +1,9 @@
 """`python eval.py key=value ...`: evaluate a checkpoint on a benchmark, or run the modality-imbalance analysis.
 
-Settings are configs/eval/benchmark.yaml overridden by ``key=value`` arguments (OmegaConf dot-list syntax, e.g.
-``imbalance.num_samples=50``). The model is rebuilt from the checkpoint folder alone (factory.load_checkpoint).
+eval.py is a Hydra app: configs/eval.yaml with the groups `benchmark` (configs/benchmark/) and `debug`
+(configs/debug/fast.yaml), overridden by ``key=value`` arguments (e.g. ``imbalance.num_samples=50``). The settings
+are checked (factory/config_checks.py) before the model is rebuilt from the checkpoint folder alone
+(factory.load_checkpoint). `main(argv)` runs the same in-process.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from factory.checkpoint import load_checkpoint
-from factory.config import CONFIG_DIR, register_resolvers
+from factory.command_line import compose_app, missing_checkpoint
+from factory.config import CONFIG_DIR
 from factory.config_checks import check_eval_config
 from factory.errors import FactoryError
 from factory.eval.generate import check_image_paths, load_questions
@@ -26,33 +29,22 @@ from factory.eval.output_folder import (checkpoint_identity, ensure_writable_dir
 from factory.eval.plots import plot_imbalance
 from factory.eval.runner import run_benchmark
 
-DEFAULTS = CONFIG_DIR / "eval" / "benchmark.yaml"
+ROOT_CONFIG = "eval"  # configs/eval.yaml
+USAGE = "e.g. checkpoint=runs/x/instruct benchmark=pope"
 
 
-def load_config(argv: List[str], defaults: Path = DEFAULTS) -> DictConfig:
-    register_resolvers()
-    base = OmegaConf.load(defaults)
-    bad = [a for a in argv if "=" not in a or a.startswith("-")]
-    if bad:
-        raise FactoryError(f"Arguments must be key=value (e.g. checkpoint=runs/x/instruct benchmark=pope); got "
-                           f"{bad}. Known keys: {', '.join(base.keys())}.")
-    unknown = [a.split("=", 1)[0] for a in argv if not _known_key(base, a.split("=", 1)[0])]
-    if unknown:
-        raise FactoryError(f"Unknown setting(s) {unknown} for eval.py. Known keys: {', '.join(base.keys())} "
-                           f"(see configs/eval/benchmark.yaml).")
-    cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(argv))
-    check_eval_config(cfg, defaults)  # types and ranges (batch_size, limit, dtype...), before the model is loaded
-    if OmegaConf.is_missing(cfg, "checkpoint"):
-        raise FactoryError("eval.py needs checkpoint=<folder> (a <run_dir>/<stage> folder written by train.py).")
+def load_config(argv: List[str]) -> DictConfig:
+    """The checked config of `python eval.py <argv>`, composed by Hydra exactly as the app composes it."""
+    return checked(compose_app(argv, ROOT_CONFIG, "eval.py", USAGE))
+
+
+def checked(cfg: DictConfig) -> DictConfig:
+    """Types and ranges (batch_size, limit, dtype...) and the checkpoint key, before the model is loaded."""
+    check_eval_config(cfg, CONFIG_DIR / f"{ROOT_CONFIG}.yaml")
+    problem = missing_checkpoint(cfg, "eval.py")
+    if problem:
+        raise FactoryError(problem)
     return cfg
-
-
-def _known_key(node: Any, dotted: str) -> bool:
-    for part in dotted.split("."):
-        if not isinstance(node, DictConfig) or part not in node.keys():  # `in node` is False for "???"
-            return False
-        node = node._get_node(part)
-    return True
 
 
 def pick_device(setting: str) -> str:
@@ -158,9 +150,20 @@ def run_imbalance(cfg: DictConfig, model, checkpoint: Path, image_folder: Option
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """`python eval.py <argv>` in-process: compose, check, run; prints the summary line; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        result = run(load_config(argv))
+        cfg = load_config(argv)
+    except FactoryError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return run_app(cfg)
+
+
+def run_app(cfg: DictConfig) -> int:
+    """The job of eval.py's Hydra app (and of `main`): check, run, print one JSON summary line (rank 0)."""
+    try:
+        result = run(checked(cfg))
     except FactoryError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

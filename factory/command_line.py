@@ -1,0 +1,70 @@
+"""The command lines of the Hydra apps eval.py and chat.py (configs/eval.yaml, configs/chat.yaml): every
+`key=value` must name a setting of the root config or one of its groups, checked before Hydra composes, so a typo
+ends in one message that lists the known keys (exit 2), and `compose_app` composes in-process exactly as the app
+does (tests, notebooks: `factory.eval.cli.main([...])`)."""
+from __future__ import annotations
+
+from typing import Any, Iterable, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from factory.config import CONFIG_DIR, compose
+from factory.errors import FactoryError
+
+
+def root_groups(config_name: str) -> List[str]:
+    """The config groups a root config's defaults list names (benchmark, debug...)."""
+    raw = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / f"{config_name}.yaml"), resolve=False) or {}
+    names = []
+    for entry in raw.get("defaults", []):
+        key = next(iter(entry)) if isinstance(entry, dict) else str(entry)
+        if key != "_self_" and not key.startswith("override "):
+            names.append(key.split("@")[0])
+    return names
+
+
+def _known_key(node: Any, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(node, DictConfig) or part not in node.keys():  # `in node` is False for "???"
+            return False
+        node = node._get_node(part)
+    return True
+
+
+def check_overrides(argv: Iterable[str], config_name: str, command: str, usage: str,
+                    flags_allowed: bool = False) -> None:
+    """Every argument is `key=value` with a key of configs/<config_name>.yaml or a group option (`benchmark=pope`).
+    `flags_allowed`: Hydra's own flags (--cfg job, -m, --help) pass through (the app's real command line)."""
+    base = OmegaConf.load(CONFIG_DIR / f"{config_name}.yaml")
+    settings = [k for k in base.keys() if k not in ("defaults", "hydra")]
+    groups = root_groups(config_name)
+    args = [str(a) for a in argv]
+    if flags_allowed:
+        args = [a for a in args if "=" in a and not a.startswith("-")]
+    bad = [a for a in args if "=" not in a or a.startswith("-")]
+    if bad:
+        raise FactoryError(f"Arguments must be key=value ({usage}); got {bad}. Known keys: {', '.join(settings)}.")
+    unknown = []
+    for arg in args:
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if key in groups or key.startswith(("hydra.", "hydra/")):
+            continue
+        if not _known_key(base, key):
+            unknown.append(key)
+    if unknown:
+        extra = f"; groups: {', '.join(groups)} (configs/<group>/)" if groups else ""
+        raise FactoryError(f"Unknown setting(s) {unknown} for {command}. Known keys: {', '.join(settings)}{extra} "
+                           f"(see configs/{config_name}.yaml).")
+
+
+def compose_app(argv: Iterable[str], config_name: str, command: str, usage: str) -> DictConfig:
+    """The config `python <command> <argv>` runs with (checked arguments, Hydra composition, no job run)."""
+    argv = list(argv)
+    check_overrides(argv, config_name, command, usage)
+    return compose(argv, config_name=config_name)
+
+
+def missing_checkpoint(cfg: DictConfig, command: str) -> Optional[str]:
+    if OmegaConf.is_missing(cfg, "checkpoint") or cfg.get("checkpoint") is None:
+        return f"{command} needs checkpoint=<folder> (a <run_dir>/<stage> folder written by train.py)."
+    return None
