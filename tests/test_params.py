@@ -49,3 +49,10 @@ def test_cli_prints_one_json_object_last(capsys):
     assert main(["model=llava_3b", "tuner=ia3", "+tuner.rnak=2"]) == 2  # a typo: one clear message, exit code 2
     err = capsys.readouterr().err
     assert "rnak" in err and "Traceback" not in err
+
+
+def test_table_equals_docs_params_md():
+    """docs/params.md is exactly what `python -m factory.params --table` writes: no TP* drifts unnoticed."""
+    from factory.params import _DOC_HEAD, _DOC_TAIL, DOCS_PATH, table
+
+    assert _DOC_HEAD + table() + _DOC_TAIL == DOCS_PATH.read_text()
