@@ -72,4 +72,7 @@ BENCHMARKS = Registry("benchmark", ("factory.eval.benchmarks",))
 DATA_PREPARERS = Registry("data preparer", ("factory.data.prepare",))
 # Evaluations run on the final model of a training run, keyed by the `name` of configs/eval/*.yaml. The training
 # recipe looks them up by name only, so train/ never imports eval/ (docs/architecture.md).
+# Training components chosen in configs/trainer/*.yaml: `optimizer: {name: adamw}`, `loss: {name: label_token_ce}`.
+OPTIMIZERS = Registry("optimizer", ("factory.train.optim",))
+LOSSES = Registry("loss", ("factory.train.losses",))
 AFTER_TRAINING = Registry("after-training evaluation", ("factory.eval.after_training",))

@@ -52,11 +52,15 @@ def _standard_strides(model: torch.nn.Module) -> None:
                 param.data = torch.empty(param.shape, dtype=param.dtype, device=param.device).copy_(param.data)
 
 
-def create_engine(model: torch.nn.Module, hparams: Any, ds_config: Dict[str, Any], total_steps: int):
+def create_engine(model: torch.nn.Module, hparams: Any, ds_config: Dict[str, Any], total_steps: int,
+                  optimizer_cfg: Any = None):
+    """`deepspeed.initialize` with the configured optimizer (trainer.optimizer) over the trainable parameters and the
+    cosine schedule; the engine reads its resume state with weights_only loads."""
     _standard_strides(model)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(trainable, lr=float(hparams.lr), weight_decay=float(hparams.get("weight_decay", 0.0)))
+    optimizer = build_optimizer(trainable, lr=float(hparams.lr), weight_decay=float(hparams.get("weight_decay", 0.0)),
+                                optimizer_cfg=optimizer_cfg)
     scheduler = cosine_with_warmup(optimizer, total_steps, float(hparams.get("warmup_ratio", 0.0)))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, dist_init_required=False)

@@ -1,10 +1,12 @@
 """The training loop of one stage, on a DeepSpeed engine (also for a single process).
 
-Read top to bottom: batch plan → engine (AdamW + cosine, DeepSpeed config) → optional resume → for each optimizer
-step: fetch its micro-batches, forward/backward each, one optimizer step, log → save the stage checkpoint.
+`train_stage` reads top to bottom, torchtune-style: `setup` (seeds, batch plan, engine with the configured optimizer
+and the cosine schedule, optional resume, loader) → `train_step` per optimizer step (its micro-batches forward and
+backward, one optimizer step) → `log_step` → `save` (every trainer.save_every steps, and at the end) → `cleanup`.
 
-Loss normalisation: every optimizer step averages the cross-entropy over ALL label tokens of its global batch (all
-micro-batches on all ranks), not the mean of per-micro-batch means. That makes 2 × micro-batch 4 identical to
+Loss normalisation: every optimizer step averages the configured loss (trainer.loss, label-token cross-entropy by
+default) over ALL its targets in the global batch (all micro-batches on all ranks), not the mean of per-micro-batch
+means. That makes 2 × micro-batch 4 identical to
 1 × micro-batch 8 and 2 processes identical to 1 process with accumulation, up to float summation order.
 """
 from __future__ import annotations
@@ -22,13 +24,12 @@ from tqdm.auto import tqdm
 
 import factory
 from factory import checkpoint as ckpt
-from factory.constants import IGNORE_INDEX
-from factory.errors import FactoryError
-from factory.model.llava import token_loss_sum
 from factory.distributed import DistInfo, all_reduce_sum
-from factory.train.engine import create_engine, deepspeed_config
-from factory.train.sampler import BatchPlan, GlobalBatchSampler
+from factory.errors import FactoryError
 from factory.stages import StageSpec, gradient_accumulation
+from factory.train.engine import create_engine, deepspeed_config
+from factory.train.losses import build_loss
+from factory.train.sampler import BatchPlan, GlobalBatchSampler
 
 
 @dataclass
@@ -41,6 +42,18 @@ class StageContext:
     metrics: Any          # MetricsFile (rank 0 writes)
     wandb: Any            # WandbLogger
     step_offset: int = 0  # optimizer steps of earlier stages (wandb needs one monotonic step axis)
+
+    @property
+    def save_every(self) -> int:  # mid-stage checkpoints every N optimizer steps (0: only the final one)
+        return int(self.cfg.trainer.get("save_every") or 0)
+
+    @property
+    def keep_engine_state(self) -> bool:  # the final checkpoint keeps the resume state when saves or resume are on
+        return bool(self.save_every or self.cfg.get("resume"))
+
+    @property
+    def log_every(self) -> int:  # wandb; metrics.jsonl gets every step
+        return max(1, int(self.cfg.trainer.get("log_every") or 1))
 
 
 @dataclass
@@ -56,10 +69,6 @@ class StageResult:
         return {"steps": self.steps, "first_loss": self.losses[0] if self.losses else None,
                 "final_loss": self.losses[-1] if self.losses else None, "wall_s": round(self.wall_s, 2),
                 "checkpoint": str(self.checkpoint) if self.checkpoint else None, "bad_samples": self.bad_samples}
-
-
-def count_label_tokens(batch: Dict[str, Any]) -> int:
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def _to_device(batch: Dict[str, Any], device: torch.device, dtype: torch.dtype) -> Dict[str, Any]:
@@ -86,50 +95,56 @@ def stage_meta(spec: StageSpec, cfg: Any, model: Any, plan: BatchPlan, step: int
     }
 
 
+@dataclass
+class StageRun:
+    """Everything one stage's steps share, made by `setup`."""
+    model: torch.nn.Module
+    spec: StageSpec
+    ctx: StageContext
+    engine: Any
+    scheduler: Any
+    loss: Any                 # trainer.loss: count(batch) and sum(logits, labels) (factory/train/losses.py)
+    plan: BatchPlan
+    total_steps: int
+    start_step: int
+    batches: Any              # iterator over this rank's micro-batches
+    result: StageResult
+    progress: Any
+
+
 def train_stage(model: torch.nn.Module, spec: StageSpec, dataset, collate_fn: Callable, ctx: StageContext,
                 resume_from: Optional[Path] = None) -> StageResult:
-    cfg, dist, trainer, hp = ctx.cfg, ctx.dist, ctx.cfg.trainer, spec.hparams
+    """One stage: setup → one optimizer step after another (with periodic saves) → the final save → cleanup."""
     started = time.time()
+    run = setup(model, spec, dataset, collate_fn, ctx, resume_from)
+    for step in range(run.start_step, run.total_steps):
+        log_step(run, step, train_step(run, step))
+        if run.ctx.save_every and (step + 1) % run.ctx.save_every == 0 and step + 1 < run.total_steps:
+            save(run, step + 1, with_engine_state=True)
+    run.progress.close()
+    run.result.checkpoint = save(run, run.total_steps, with_engine_state=run.ctx.keep_engine_state)
+    cleanup(run)
+    run.result.wall_s = time.time() - started
+    return run.result
+
+
+def setup(model: torch.nn.Module, spec: StageSpec, dataset, collate_fn: Callable, ctx: StageContext,
+          resume_from: Optional[Path]) -> StageRun:
+    """Seeds, the batch plan, the engine (configured optimizer + cosine schedule), the resume state, the loader."""
+    cfg, dist, trainer, hp = ctx.cfg, ctx.dist, ctx.cfg.trainer, spec.hparams
     # Dropout etc. draw from the global RNGs. Seeding per stage (and rank) makes a stage's randomness independent of
     # whether the previous stage ran in this process, which exact resume needs.
     seed_everything(int(cfg.get("seed", 0)) + 1000 * dist.rank)
-
-    # ---- how many samples, micro-batches and optimizer steps
-    if len(dataset) == 0:
-        raise FactoryError(
-            f"The {spec.name} dataset {spec.data.json} has no usable samples (empty, or every sample was skipped; "
-            "see the warnings above). Point `data." + spec.name + ".json` at a LLaVA JSON file with samples."
-        )
-    micro = int(hp.micro_batch_size)
-    accum = gradient_accumulation(spec.name, int(hp.global_batch_size), micro, dist.world_size)
-    plan = BatchPlan(num_samples=len(dataset), micro_batch_size=micro, grad_accum=accum, world_size=dist.world_size)
-    total_steps = max(1, math.ceil(float(hp.epochs) * plan.steps_per_epoch))
-    if trainer.get("max_steps"):
-        total_steps = min(total_steps, int(trainer.max_steps))
-
-    # ---- engine: client AdamW + cosine schedule, DeepSpeed config filled from the trainer config
+    plan, total_steps = plan_batches(spec, dataset, trainer, dist.world_size)
     if trainer.get("gradient_checkpointing"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not any(p.requires_grad for p in model.parameters()):
         raise FactoryError(f"Nothing trains in stage {spec.name!r}: `stage.{spec.name}.tune` freezes every component.")
-    ds_config = deepspeed_config(cfg.get("deepspeed"), micro, accum, dist.world_size,
+    ds_config = deepspeed_config(cfg.get("deepspeed"), plan.micro_batch_size, plan.grad_accum, dist.world_size,
                                  trainer.get("max_grad_norm", 1.0), ctx.dtype)
-    engine, scheduler = create_engine(model, hp, ds_config, total_steps)
-
-    start_step, result_bad = 0, 0
-    if resume_from is not None:
-        meta = ckpt.read_meta(resume_from)
-        if (meta.get("num_samples"), meta.get("global_batch_size")) != (plan.num_samples, plan.global_batch_size):
-            raise FactoryError(
-                f"Cannot resume {resume_from}: it was written for {meta.get('num_samples')} samples with global batch "
-                f"{meta.get('global_batch_size')}, this run has {plan.num_samples} and {plan.global_batch_size}. "
-                "Resume with the same data and trainer settings, or start a new run_dir."
-            )
-        ckpt.load_engine_state(engine, resume_from, dist.rank)
-        start_step = int(meta["step"])
-        result_bad = int(meta.get("bad_samples", 0))
-
-    # ---- data: this rank's micro-batches, grad_accum per optimizer step, from start_step on
+    engine, scheduler = create_engine(model, hp, ds_config, total_steps, trainer.get("optimizer"))
+    start_step, bad_samples = resume_engine(engine, resume_from, plan, dist.rank)
+    # this rank's micro-batches, grad_accum per optimizer step, from start_step on
     sampler = GlobalBatchSampler(plan, rank=dist.rank, seed=int(cfg.get("seed", 0)), total_steps=total_steps,
                                  start_step=start_step)
     # Its own generator: creating a DataLoader iterator draws a worker seed, which must not shift the global RNG
@@ -137,63 +152,102 @@ def train_stage(model: torch.nn.Module, spec: StageSpec, dataset, collate_fn: Ca
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn,
                                          num_workers=int(trainer.get("num_workers", 0) or 0),
                                          generator=torch.Generator().manual_seed(int(cfg.get("seed", 0))))
-    batches = iter(loader)
-    stage_dir = ctx.run_dir / spec.name
-    save_every = int(trainer.get("save_every") or 0)
-    keep_engine_state = bool(save_every or cfg.get("resume"))
-    log_every = max(1, int(trainer.get("log_every") or 1))  # wandb; metrics.jsonl gets every step
-    result = StageResult(name=spec.name, steps=total_steps, bad_samples=result_bad)
-
-    progress = _progress_bar(dist.is_main, spec.name, total_steps, start_step)
+    run = StageRun(model=model, spec=spec, ctx=ctx, engine=engine, scheduler=scheduler,
+                   loss=build_loss(trainer), plan=plan, total_steps=total_steps, start_step=start_step,
+                   batches=iter(loader), result=StageResult(name=spec.name, steps=total_steps, bad_samples=bad_samples),
+                   progress=_progress_bar(dist.is_main, spec.name, total_steps, start_step))
     engine.train()
-    for step in range(start_step, total_steps):
-        t0 = time.time()
-        micro_batches = [_next_batch(batches) for _ in range(accum)]
-        counts = torch.tensor([sum(count_label_tokens(b) for b in micro_batches),
-                               sum(int(b["attention_mask"].sum()) for b in micro_batches),
-                               sum(len(b.get("bad_samples") or ()) for b in micro_batches)],
-                              dtype=torch.float64, device=dist.device)
-        label_tokens, seen_tokens, bad_samples = all_reduce_sum(counts).tolist()
-        result.bad_samples += int(bad_samples)
-        # DeepSpeed averages gradients over ranks; scaling by world/label_tokens makes the result the global mean
-        scale = dist.world_size / max(label_tokens, 1.0)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
-        lr = scheduler.get_last_lr()[0]
-        for batch in micro_batches:
-            batch = _to_device(batch, dist.device, ctx.dtype)
-            out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         pixel_values=batch["pixel_values"])
-            summed = token_loss_sum(out.logits, batch["labels"])
-            engine.backward(summed * scale, scale_wrt_gas=False)
-            engine.step()  # DeepSpeed steps the optimizer and scheduler at the accumulation boundary only
-            loss_sum += summed.detach().double()
-        loss = float(all_reduce_sum(loss_sum)) / max(label_tokens, 1.0)
-        elapsed = max(time.time() - t0, 1e-9)
+    return run
 
-        record = {"stage": spec.name, "step": step + 1, "epoch": round((step + 1) / plan.steps_per_epoch, 4),
-                  "loss": loss, "lr": lr, "samples_per_s": plan.global_batch_size / elapsed,
-                  "tokens_per_s": seen_tokens / elapsed, "bad_samples": result.bad_samples}
-        grad_norm = engine.get_global_grad_norm()
-        if grad_norm is not None:
-            record["grad_norm"] = float(grad_norm)
-        result.losses.append(loss)
-        if dist.is_main:
-            ctx.metrics.write(record)
-            if (step + 1) % log_every == 0 or step + 1 == total_steps:
-                ctx.wandb.log(record, step=ctx.step_offset + step + 1)
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_per_s=f"{record['samples_per_s']:.1f}")
-        if save_every and (step + 1) % save_every == 0 and step + 1 < total_steps:
-            meta = stage_meta(spec, cfg, model, plan, step + 1, total_steps, result.bad_samples)
-            ckpt.save_stage_checkpoint(engine, cfg, stage_dir, meta, dist.rank, with_engine_state=True)
-    progress.close()
 
-    result.checkpoint = ckpt.save_stage_checkpoint(
-        engine, cfg, stage_dir, stage_meta(spec, cfg, model, plan, total_steps, total_steps, result.bad_samples),
-        dist.rank, with_engine_state=keep_engine_state)
-    engine.destroy()  # drop DeepSpeed's gradient hooks: the next stage builds its own engine
-    result.wall_s = time.time() - started
-    return result
+def plan_batches(spec: StageSpec, dataset, trainer: Any, world_size: int):
+    """How many samples, micro-batches and optimizer steps (trainer.max_steps caps the steps)."""
+    hp = spec.hparams
+    if len(dataset) == 0:
+        raise FactoryError(
+            f"The {spec.name} dataset {spec.data.json} has no usable samples (empty, or every sample was skipped; "
+            "see the warnings above). Point `data." + spec.name + ".json` at a LLaVA JSON file with samples."
+        )
+    micro = int(hp.micro_batch_size)
+    accum = gradient_accumulation(spec.name, int(hp.global_batch_size), micro, world_size)
+    plan = BatchPlan(num_samples=len(dataset), micro_batch_size=micro, grad_accum=accum, world_size=world_size)
+    total_steps = max(1, math.ceil(float(hp.epochs) * plan.steps_per_epoch))
+    if trainer.get("max_steps"):
+        total_steps = min(total_steps, int(trainer.max_steps))
+    return plan, total_steps
+
+
+def resume_engine(engine, resume_from: Optional[Path], plan: BatchPlan, rank: int):
+    """(first step, bad samples so far): (0, 0) for a fresh stage, else the mid-stage checkpoint's, its optimizer,
+    scheduler, weights and RNG loaded into the engine."""
+    if resume_from is None:
+        return 0, 0
+    meta = ckpt.read_meta(resume_from)
+    if (meta.get("num_samples"), meta.get("global_batch_size")) != (plan.num_samples, plan.global_batch_size):
+        raise FactoryError(
+            f"Cannot resume {resume_from}: it was written for {meta.get('num_samples')} samples with global batch "
+            f"{meta.get('global_batch_size')}, this run has {plan.num_samples} and {plan.global_batch_size}. "
+            "Resume with the same data and trainer settings, or start a new run_dir."
+        )
+    ckpt.load_engine_state(engine, resume_from, rank)
+    return int(meta["step"]), int(meta.get("bad_samples", 0))
+
+
+def train_step(run: StageRun, step: int) -> Dict[str, Any]:
+    """One optimizer step over grad_accum micro-batches; returns its metrics record."""
+    dist, engine, t0 = run.ctx.dist, run.engine, time.time()
+    micro_batches = [_next_batch(run.batches) for _ in range(run.plan.grad_accum)]
+    counts = torch.tensor([sum(run.loss.count(b) for b in micro_batches),
+                           sum(int(b["attention_mask"].sum()) for b in micro_batches),
+                           sum(len(b.get("bad_samples") or ()) for b in micro_batches)],
+                          dtype=torch.float64, device=dist.device)
+    targets, seen_tokens, bad_samples = all_reduce_sum(counts).tolist()
+    run.result.bad_samples += int(bad_samples)
+    # DeepSpeed averages gradients over ranks; scaling by world/targets makes the result the global mean
+    scale = dist.world_size / max(targets, 1.0)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
+    lr = run.scheduler.get_last_lr()[0]
+    for batch in micro_batches:
+        batch = _to_device(batch, dist.device, run.ctx.dtype)
+        out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     pixel_values=batch["pixel_values"])
+        summed = run.loss.sum(out.logits, batch["labels"])
+        engine.backward(summed * scale, scale_wrt_gas=False)
+        engine.step()  # DeepSpeed steps the optimizer and scheduler at the accumulation boundary only
+        loss_sum += summed.detach().double()
+    loss = float(all_reduce_sum(loss_sum)) / max(targets, 1.0)
+    elapsed = max(time.time() - t0, 1e-9)
+    record = {"stage": run.spec.name, "step": step + 1, "epoch": round((step + 1) / run.plan.steps_per_epoch, 4),
+              "loss": loss, "lr": lr, "samples_per_s": run.plan.global_batch_size / elapsed,
+              "tokens_per_s": seen_tokens / elapsed, "bad_samples": run.result.bad_samples}
+    grad_norm = engine.get_global_grad_norm()
+    if grad_norm is not None:
+        record["grad_norm"] = float(grad_norm)
+    return record
+
+
+def log_step(run: StageRun, step: int, record: Dict[str, Any]) -> None:
+    """metrics.jsonl gets every step, wandb every trainer.log_every-th and the last; the progress bar moves."""
+    run.result.losses.append(record["loss"])
+    if not run.ctx.dist.is_main:
+        return
+    run.ctx.metrics.write(record)
+    if (step + 1) % run.ctx.log_every == 0 or step + 1 == run.total_steps:
+        run.ctx.wandb.log(record, step=run.ctx.step_offset + step + 1)
+    run.progress.update(1)
+    run.progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                             samples_per_s=f"{record['samples_per_s']:.1f}")
+
+
+def save(run: StageRun, step: int, with_engine_state: bool) -> Path:
+    """`<run_dir>/<stage>/` at `step` (a mid-stage checkpoint says `"complete": false`), from every rank."""
+    meta = stage_meta(run.spec, run.ctx.cfg, run.model, run.plan, step, run.total_steps, run.result.bad_samples)
+    return ckpt.save_stage_checkpoint(run.engine, run.ctx.cfg, run.ctx.run_dir / run.spec.name, meta,
+                                      run.ctx.dist.rank, with_engine_state=with_engine_state)
+
+
+def cleanup(run: StageRun) -> None:
+    run.engine.destroy()  # drop DeepSpeed's gradient hooks: the next stage builds its own engine
 
 
 def seed_everything(seed: int) -> None:

@@ -36,7 +36,9 @@ from factory.stages import StageSpec, plan_stages
 from factory.tuners import apply_tuning
 from factory.train.engine import select_dtype
 from factory.train.loop import StageContext, train_stage
+from factory.train.losses import build_loss
 from factory.train.metrics import MetricsFile, WandbLogger
+from factory.train.optim import optimizer_choice
 from factory.train.resume import (ResumePoint, check_resume_config, describe_changes, find_resume_point,
                                   recover_interrupted_saves)
 from factory.train.run_folder import (RunLock, drop_replaced, environment_fault_message, inspect_folder, move_aside,
@@ -56,6 +58,8 @@ def _run(cfg: DictConfig, dist, started: float) -> Dict[str, Any]:
         raise FactoryError("init=meta builds a model without weights (for `--cfg` dry runs and parameter counts); "
                            "training needs init=pretrained (or init=random for smoke tests).")
     stages = plan_stages(cfg)
+    optimizer_choice(cfg.trainer.get("optimizer"))  # a typo in the optimizer or loss fails before any work
+    build_loss(cfg.trainer)
     dtype = select_dtype(str(cfg.trainer.get("precision", "auto")), dist.device)
     if dist.device.type == "cpu" and cfg.trainer.get("cpu_threads"):
         torch.set_num_threads(int(cfg.trainer.cpu_threads))
