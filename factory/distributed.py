@@ -11,8 +11,11 @@ import importlib
 import os
 import socket
 from dataclasses import dataclass
+from typing import Tuple
 
 import torch
+
+from factory.errors import FactoryError
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,15 @@ WORLD_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PO
 # Set next to the variables we filled ourselves, so that a child process (a script that runs training in-process and
 # then starts train.py) does not mistake them for a launcher's and try to listen on the port its parent holds.
 SELF_DESCRIBED = "FACTORY_SELF_DESCRIBED_WORLD"
+
+
+def launcher_world() -> Tuple[int, int]:
+    """(rank, world_size) as a launcher describes them (torchrun / deepspeed set RANK and WORLD_SIZE; none: (0, 1)),
+    for work that shards by rank without a process group (eval.py's question shards)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if not 0 <= rank < world:
+        raise FactoryError(f"RANK={rank} is not within WORLD_SIZE={world}; launch with torchrun or unset both.")
+    return rank, world
 
 
 def fill_single_process_env() -> None:

@@ -140,7 +140,7 @@ def real_run(model_name: str, out: Path, steps: int, min_seq: int, new_tokens: i
     from factory.distributed import init_distributed
     from factory.train.loop import StageContext, train_stage
     from factory.train.metrics import MetricsFile, WandbLogger
-    from factory.train.runner import build_dataset, build_stage_model
+    from factory.train.recipe import build_dataset, build_stage_model
     from factory.stages import plan_stages
 
     tokenizer = tokenizer_for(model_name, tokenizer)
@@ -211,7 +211,7 @@ def meta_setup(model_name: str, out: Path, min_seq: int, tokenizer: str | None) 
     from factory.model.build import build_model
     from factory.train.engine import deepspeed_config
     from factory.train.optim import build_optimizer
-    from factory.train.runner import build_dataset
+    from factory.train.recipe import build_dataset
     from factory.stages import gradient_accumulation, plan_stages
     from factory.tuners import apply_tuning
 

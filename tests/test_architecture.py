@@ -218,7 +218,7 @@ def test_local_imports_of_other_packages_say_why():
 
 def test_the_checker_catches_each_kind_of_fault(tmp_path):
     """The rules above can fail: a fake eval→train import, an upward import, a cycle and a hidden local import."""
-    fake = [Import("factory.eval.cli", "factory.train.runner", 1, False, False),
+    fake = [Import("factory.eval.cli", "factory.train.recipe", 1, False, False),
             Import("factory.model.llms", "factory.data.templates", 2, False, False),
             Import("factory.model.vision.base", "factory.model.build", 3, False, False),
             Import("factory.stages", "factory.tuners.freeze", 4, False, False),

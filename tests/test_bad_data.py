@@ -1,6 +1,7 @@
 """Bad data cannot kill a long run: data.on_bad_sample (skip / error), counting in the summary and metrics.jsonl,
 data.max_bad_fraction, the up-front scan (data.verify_images), tokenization errors naming the sample, non-UTF-8
 data files, and the trainer presets' save_every."""
+import functools
 import json
 import logging
 
@@ -129,11 +130,11 @@ def test_lone_surrogate_names_file_entry_and_id(tmp_path, tok):
 
 
 def test_skipped_samples_reach_the_batch_from_dataloader_workers(tmp_path, tok):
-    from factory.data import Collator
+    from factory.data import collate
 
     entries = [caption(f"s{i}", text="x \udc80" if i in (2, 5) else "A red circle.") for i in range(8)]
     ds = dataset(tmp_path, entries, tok, on_bad_sample="skip")
-    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, collate_fn=Collator(0))
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, collate_fn=functools.partial(collate, pad_token_id=0))
     batches = list(loader)
     assert [b["ids"] for b in batches] == [["s0", "s1", "s3", "s3"], ["s4", "s6", "s6", "s7"]]  # full batches
     assert [[bad["id"] for bad in b["bad_samples"]] for b in batches] == [["s2"], ["s5"]]

@@ -39,7 +39,7 @@ def train_bf16(tuner: str, world, run_dir, precision: str = "bf16"):
     from factory.distributed import init_distributed
     from factory.train.loop import StageContext, train_stage
     from factory.train.metrics import MetricsFile, WandbLogger
-    from factory.train.runner import build_dataset, build_stage_model
+    from factory.train.recipe import build_dataset, build_stage_model
     from factory.stages import plan_stages
 
     lr = TUNERS[tuner][0]

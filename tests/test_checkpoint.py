@@ -38,7 +38,7 @@ def _save(model, cfg, folder, stage="instruct", template="phi"):
 @pytest.fixture()
 def trained(tmp_path):
     """A stage-2 model with the MoReS tuner whose trainable weights were moved away from their init."""
-    from factory.train.runner import build_stage_model
+    from factory.train.recipe import build_stage_model
     from factory.stages import plan_stages
 
     cfg = train_cfg(tmp_path / "run", tmp_path / "unused", tuner="mores", stage="all")

@@ -13,7 +13,7 @@ from PIL import Image
 
 from factory.errors import FactoryError
 from factory.eval.output_folder import KEY_FILE, settings_key
-from factory.eval.runner import PART_PREFIX, run_benchmark
+from factory.eval.benchmark_run import PART_PREFIX, run_benchmark
 from factory.testing import tiny_model
 
 
@@ -103,14 +103,17 @@ def test_another_model_or_question_file_is_not_served_old_answers(model, setup, 
 def test_a_change_in_prompt_building_is_a_new_key(model, setup, capsys, monkeypatch):
     """Same checkpoint, same template name, but the code builds another prompt (here: text before the image):
     the prompt ids are part of the key, so old answers are not reused."""
-    from factory.eval import generate
+    from factory.eval import generate, output_folder
 
     root, qfile = setup
     out = root / "out"
     _run(model, qfile, out)
     capsys.readouterr()
-    monkeypatch.setattr(generate, "conversation_for",
-                        lambda q: [{"from": "human", "value": f"{q['text']}\n<image>" if q.get("image") else q["text"]}])
+    def text_first(q):
+        return [{"from": "human", "value": f"{q['text']}\n<image>" if q.get("image") else q["text"]}]
+
+    for module in (generate, output_folder):  # the prompt builder and the cache key's prompt probe (one function)
+        monkeypatch.setattr(module, "conversation_for", text_first)
     result = _run(model, qfile, out)
     assert result["generated_this_run"] == 4 and result["output_dir"] != str(out)
     assert "with other settings (prompt content changed)" in capsys.readouterr().err
@@ -269,7 +272,7 @@ def test_disk_full_mid_run_keeps_answers_and_says_how_to_resume(model, setup, mo
     def full_disk(questions, output_dir, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(Path(output_dir) / "answers.jsonl.tmp"))
 
-    monkeypatch.setattr("factory.eval.runner.merge_answers", full_disk)
+    monkeypatch.setattr("factory.eval.benchmark_run.merge_answers", full_disk)
     with pytest.raises(FactoryError) as err:
         _run(model, qfile, out)
     assert str(err.value).startswith(f"Writing the evaluation results failed at {out / 'answers.jsonl.tmp'} "

@@ -8,7 +8,7 @@ from PIL import Image
 
 from factory.errors import FactoryError
 from factory.eval.generate import check_image_paths, load_questions
-from factory.eval.runner import run_benchmark
+from factory.eval.benchmark_run import run_benchmark
 from factory.testing import tiny_model
 
 

@@ -8,7 +8,7 @@ from PIL import Image
 
 from factory.errors import FactoryError
 from factory.eval import generate as gen
-from factory.eval.runner import PART_PREFIX, read_answer_parts, run_benchmark
+from factory.eval.benchmark_run import PART_PREFIX, read_answer_parts, run_benchmark
 from factory.testing import tiny_model
 
 
@@ -120,7 +120,7 @@ def test_interrupted_run_resumes_without_recomputing(model, images, tmp_path, mo
     (out / "answers.jsonl").unlink()
     asked = []
     real = gen.answer_questions
-    monkeypatch.setattr("factory.eval.runner.answer_questions",
+    monkeypatch.setattr("factory.eval.benchmark_run.answer_questions",
                         lambda m, qs, *a, **k: asked.extend(q["question_id"] for q in qs) or real(m, qs, *a, **k))
     second = run_benchmark(model, "gqa", qfile, out, image_folder=images, batch_size=2, max_new_tokens=4,
                            progress=False)

@@ -74,7 +74,7 @@ def test_stage_checkpoints_layout(two_stage_run):
 
 def test_stage2_starts_from_stage1_weights(two_stage_run, world, tmp_path):
     """stage=instruct with stage.init_from loads exactly the stage-1 connector before training."""
-    from factory.train.runner import build_stage_model
+    from factory.train.recipe import build_stage_model
     from factory.stages import plan_stages
 
     run_dir, _ = two_stage_run
@@ -210,7 +210,7 @@ def test_wandb_offline_writes_a_local_run(tmp_path, monkeypatch):
 
 def test_stage_model_is_seeded(world, tmp_path):
     """Connector and tuner initialisation come from cfg.seed (not the ambient RNG): same seed, same model."""
-    from factory.train.runner import build_stage_model
+    from factory.train.recipe import build_stage_model
     from factory.stages import plan_stages
 
     cfg = train_cfg(tmp_path, world, tuner="mores")

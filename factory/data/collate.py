@@ -55,13 +55,3 @@ def collate(batch: List[Optional[Dict]], pad_token_id: int, padding_side: str = 
         # samples a dataset skipped as bad to produce these items (LlavaJsonDataset, data.on_bad_sample=skip)
         "bad_samples": [bad for item in items for bad in item.get("bad_samples") or ()],
     }
-
-
-class Collator:
-    """Picklable `collate` with fixed arguments, for DataLoader(collate_fn=...) with worker processes."""
-
-    def __init__(self, pad_token_id: int, padding_side: str = "right"):
-        self.pad_token_id, self.padding_side = pad_token_id, padding_side
-
-    def __call__(self, batch: List[Optional[Dict]]) -> Dict:
-        return collate(batch, self.pad_token_id, self.padding_side)

@@ -38,8 +38,6 @@ from factory.text_files import read_utf8, surrogate_problem  # read_utf8: re-exp
 
 logger = logging.getLogger(__name__)
 
-# Rough characters per token of English BPE/SentencePiece text; only used for length-grouping estimates.
-_CHARS_PER_TOKEN = 4
 ON_BAD_SAMPLE = ("error", "skip")
 
 
@@ -213,28 +211,6 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
                 f"max_length={max_length} cannot hold an image of {self.num_image_tokens} tokens plus text, so every "
                 f"image sample of {self.json_path} would be skipped. Raise trainer.max_length."
             )
-        self.lengths: List[int] = self._estimate_lengths()
-
-    def _estimate_lengths(self) -> List[int]:
-        """Cheap token-count estimates for a length-grouped sampler: the template's own tokens (system prompt, role
-        names, end tokens; measured once on empty turns) + characters / 4 + the image tokens. No per-sample
-        tokenization, so it stays instant on 665k samples."""
-        def overhead(num_rounds: int) -> int:
-            empty = [{"from": role, "value": ""} for _ in range(num_rounds) for role in ("human", "gpt")]
-            try:
-                return len(self.template.encode(empty, self.tokenizer, self.num_image_tokens).input_ids)
-            except FactoryError:  # e.g. 'plain' takes one round only
-                return len(self.template.encode(empty[:2], self.tokenizer, self.num_image_tokens).input_ids)
-
-        first = overhead(1)
-        per_round = max(0, overhead(2) - first)
-        return [
-            first + per_round * (len(entry["conversations"]) // 2 - 1)
-            + sum(len(turn["value"]) for turn in entry["conversations"]
-                  if turn["from"] == "gpt" or getattr(self.template, "encodes_human_text", True)) // _CHARS_PER_TOKEN
-            + (self.num_image_tokens if has_image else 0)
-            for entry, has_image in zip(self.entries, self.has_image)
-        ]
 
     def _check_images(self) -> None:
         if not any(self.has_image):

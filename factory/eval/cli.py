@@ -27,7 +27,7 @@ from factory.eval.official import check_protocol
 from factory.eval.output_folder import (checkpoint_identity, ensure_writable_dir, generation_settings,
                                         keyed_output_dir)
 from factory.eval.plots import plot_imbalance
-from factory.eval.runner import run_benchmark
+from factory.eval.benchmark_run import run_benchmark
 
 ROOT_CONFIG = "eval"  # configs/eval.yaml
 USAGE = "e.g. checkpoint=runs/x/instruct benchmark=pope"

@@ -1,10 +1,11 @@
 """LLMs: load a causal LM and its tokenizer; find its decoder blocks.
 
-Registered in factory.registry.LLMS as ``load_llm(cfg_node, init, dtype) -> (causal_lm, tokenizer)``:
+One loader, ``load_llm(cfg_node, init, dtype) -> (causal_lm, tokenizer)``, registered in factory.registry.LLMS under
+four names (the YAML's `llm.name`):
   * ``phi``          – Phi-2 (PhiForCausalLM);
-  * ``llama``        – Llama / Vicuna v1.5 (LlamaForCausalLM); ``vicuna`` is the same loader;
+  * ``llama``        – Llama / Vicuna v1.5 (LlamaForCausalLM); ``vicuna`` is the same;
   * ``hf_causal_lm`` – any AutoModelForCausalLM.
-They differ only in the padding-token policy: Llama tokenizers have no pad token and LLaVA pads with `<unk>`
+The names differ only in the padding-token policy: Llama tokenizers have no pad token and LLaVA pads with `<unk>`
 (so padding never looks like an end of turn); every other family pads with its eos token. Padding positions are
 masked by the attention mask and IGNORE_INDEX labels, so the choice never changes the loss.
 
@@ -85,21 +86,21 @@ def load_causal_lm(cfg: Any, init: str, dtype: torch.dtype) -> nn.Module:
     return model.to(dtype)
 
 
-def _loader(pad_with_unk: bool):
-    def load_llm(cfg: Any, init: str, dtype: torch.dtype) -> Tuple[nn.Module, Optional[Any]]:
-        model = load_causal_lm(cfg, init, dtype)
-        tokenizer = load_tokenizer(cfg, init, pad_with_unk)
-        if tokenizer is not None and tokenizer.pad_token_id is not None:
-            model.config.pad_token_id = tokenizer.pad_token_id
-        return model, tokenizer
-
-    return load_llm
+# The registered LLM names are aliases of one loader; they differ only in the padding token (module docstring).
+PADS_WITH_UNK = {"phi": False, "llama": True, "vicuna": True, "hf_causal_lm": False}
 
 
-LLMS.register("phi")(_loader(pad_with_unk=False))
-LLMS.register("llama")(_loader(pad_with_unk=True))
-LLMS.register("vicuna")(_loader(pad_with_unk=True))
-LLMS.register("hf_causal_lm")(_loader(pad_with_unk=False))
+def load_llm(cfg: Any, init: str, dtype: torch.dtype) -> Tuple[nn.Module, Optional[Any]]:
+    """(causal LM, tokenizer) for `cfg` (the `llm` config node, whose `name` is one of PADS_WITH_UNK)."""
+    model = load_causal_lm(cfg, init, dtype)
+    tokenizer = load_tokenizer(cfg, init, PADS_WITH_UNK.get(str(node_get(cfg, "name", "hf_causal_lm")), False))
+    if tokenizer is not None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+for _name in PADS_WITH_UNK:
+    LLMS.register(_name)(load_llm)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -69,7 +69,7 @@ class PrepareRunFolder(Callback):
 
     def on_run_start(self, config, **kwargs) -> None:
         explicit = any(str(o).lstrip("+").startswith("run_dir=") for o in config.hydra.overrides.task)
-        if explicit or os.environ.get("RANK", "0") != "0":  # other ranks get rank 0's folder from the runner
+        if explicit or os.environ.get("RANK", "0") != "0":  # other ranks get rank 0's folder from the recipe
             self._prepare(config.hydra.run.dir)
             return
         # The default run_dir is a timestamp: a second run started in the same second gets `<time>-1`, not a refusal.

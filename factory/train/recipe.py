@@ -1,11 +1,11 @@
-"""`factory.train.run(cfg)`: the whole run behind `python train.py`.
+"""`factory.train.run(cfg)`: the training recipe behind `python train.py`, read top to bottom.
 
 distributed setup → the run folder (rank 0 creates and locks it; a folder holding an earlier run is refused unless
 resume=true, whose config must match the checkpoints', or overwrite=true; see run_folder.py and resume.py) → data
-(a generated data set, the micro-world, is made on first use) → for each stage of the plan: build the model, load the previous stage's
-weights, apply the stage's tuning, train, save `<run_dir>/<stage>/` → the after-training evaluation named by
-`eval.name` (AFTER_TRAINING registry; the micro-world by default) → a summary dict
-(train.py prints it as the last stdout line).
+(a generated data set, the micro-world, is made on first use) → for each stage of the plan: build the model, load
+the previous stage's weights, apply the stage's tuning, train (loop.train_stage), save `<run_dir>/<stage>/` → the
+after-training evaluation named by `eval.name` (AFTER_TRAINING registry; the micro-world by default) → a summary
+dict (train.py prints it as the last stdout line).
 """
 from __future__ import annotations
 

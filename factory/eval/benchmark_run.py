@@ -21,8 +21,10 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
+
 from tqdm import tqdm
 
+from factory.distributed import launcher_world
 from factory.errors import FactoryError
 from factory.eval.annotations import load_predictions
 from factory.eval.benchmarks import get_benchmark, score_and_export
@@ -33,14 +35,6 @@ from factory.eval.output_folder import generation_settings, keyed_output_dir, se
 
 PART_PREFIX = "answers.part"
 EXTRA_KEYS = ("image", "category", "question_type")
-
-
-def dist_env() -> tuple:
-    """(rank, world_size) from the launcher's environment (torchrun / deepspeed set RANK and WORLD_SIZE)."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if not 0 <= rank < world:
-        raise FactoryError(f"RANK={rank} is not within WORLD_SIZE={world}; launch with torchrun or unset both.")
-    return rank, world
 
 
 def read_answer_parts(output_dir: Path) -> Dict[str, Dict[str, Any]]:
@@ -184,7 +178,7 @@ def _run_benchmark(model, benchmark, question_file, output_dir, image_folder, an
                    allow_outside_paths=False):
     bench = get_benchmark(benchmark)
     check_protocol(protocol)  # before generating, not after
-    rank, world = dist_env()
+    rank, world = launcher_world()
     questions, skipped = select_questions(question_file, image_folder, limit, skip_missing_images, allow_outside_paths)
     if not questions:
         raise FactoryError(f"No questions to answer in {question_file} (limit={limit}).")
