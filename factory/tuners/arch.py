@@ -8,11 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Tuple
 
-import torch
 from torch import nn
 
 from factory.errors import FactoryError
 from factory.model.llms import decoder_layers
+from factory.model.loading import module_device  # noqa: F401  (one helper for every layer; tuners import it here)
 
 
 @dataclass(frozen=True)
@@ -75,9 +75,3 @@ def hidden_size(llm: nn.Module) -> int:
 def llm_layers(llm: nn.Module) -> nn.ModuleList:
     """The decoder blocks of the LLM, through a PEFT wrapper too (factory.model.llms owns the lookup)."""
     return decoder_layers(llm)
-
-
-def module_device(module: nn.Module) -> torch.device:
-    for tensor in module.parameters():
-        return tensor.device
-    return torch.device("cpu")
