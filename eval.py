@@ -8,18 +8,15 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from factory.command_line import check_overrides
+from factory.command_line import HydraApp, exit_on_unknown_overrides
 from factory.config import register_resolvers
-from factory.errors import FactoryError
 
-USER_ERROR = 2
-_job_started = False  # tells a config error from Hydra (before the job) apart from an error inside the job
+APP = HydraApp()
 
 
 @hydra.main(config_path="configs", config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    global _job_started
-    _job_started = True
+    APP.job_started()
     from factory.eval.cli import run_app  # torch + transformers only once a job runs (--help, --cfg stay quick)
 
     code = run_app(cfg)
@@ -29,16 +26,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     register_resolvers()
-    try:
-        check_overrides(sys.argv[1:], "eval", "eval.py", "e.g. checkpoint=runs/x/instruct benchmark=pope",
-                        flags_allowed=True)
-    except FactoryError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(USER_ERROR)
-    try:
-        main()
-    except SystemExit as exit_:
-        # Hydra reports a bad override / unknown option in a few lines and exits 1; that is a user error.
-        if exit_.code == 1 and not _job_started:
-            sys.exit(USER_ERROR)
-        raise
+    exit_on_unknown_overrides(sys.argv[1:], "eval", "eval.py", "e.g. checkpoint=runs/x/instruct benchmark=pope")
+    APP.run(main)

@@ -11,11 +11,12 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from factory.command_line import USER_ERROR, HydraApp
 from factory.config import register_resolvers
 from factory.errors import FactoryError
 from factory.train.hydra_folders import register_sweep_resolver
 
-USER_ERROR = 2
+APP = HydraApp()
 
 
 def _take_local_rank_argument(argv):
@@ -47,13 +48,9 @@ def _use_job_folder(cfg: DictConfig) -> None:
             cfg.run_dir = hydra_cfg.runtime.output_dir
 
 
-_job_started = False  # tells a config error from Hydra (before the job) apart from a crash inside the job
-
-
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    global _job_started
-    _job_started = True
+    APP.job_started()
     from factory.config_checks import check_config
     from factory.train import run  # heavy imports (torch, deepspeed) only once a job really runs
 
@@ -72,10 +69,4 @@ if __name__ == "__main__":
     sys.argv = [sys.argv[0]] + _take_local_rank_argument(sys.argv[1:])
     register_resolvers()
     register_sweep_resolver()
-    try:
-        main()
-    except SystemExit as exit_:
-        # Hydra reports a bad override / unknown config option in a few lines and exits 1; that is a user error.
-        if exit_.code == 1 and not _job_started:
-            sys.exit(USER_ERROR)
-        raise
+    APP.run(main)

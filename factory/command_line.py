@@ -4,12 +4,44 @@ ends in one message that lists the known keys (exit 2), and `compose_app` compos
 does (tests, notebooks: `factory.eval.cli.main([...])`)."""
 from __future__ import annotations
 
-from typing import Any, Iterable, List, Optional
+import sys
+from typing import Any, Callable, Iterable, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
 from factory.config import CONFIG_DIR, compose
 from factory.errors import FactoryError
+
+USER_ERROR = 2  # the exit code of every user error (bad override, bad config value, bad input file)
+
+
+class HydraApp:
+    """Runs the @hydra.main function of train.py / eval.py / chat.py. Hydra reports a bad override or an unknown
+    config option in a few lines and exits 1 before the job starts: that is a user error (exit 2); an exit inside the
+    job keeps its code. The job marks its start with `job_started()`."""
+
+    def __init__(self) -> None:
+        self.started = False
+
+    def job_started(self) -> None:
+        self.started = True
+
+    def run(self, main: Callable[[], None]) -> None:
+        try:
+            main()
+        except SystemExit as exit_:
+            if exit_.code == 1 and not self.started:
+                sys.exit(USER_ERROR)
+            raise
+
+
+def exit_on_unknown_overrides(argv: Iterable[str], config_name: str, command: str, usage: str) -> None:
+    """`check_overrides` for an app's real command line: one message and exit 2 on a bad argument."""
+    try:
+        check_overrides(argv, config_name, command, usage, flags_allowed=True)
+    except FactoryError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(USER_ERROR)
 
 
 def root_groups(config_name: str) -> List[str]:
