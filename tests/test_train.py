@@ -151,6 +151,9 @@ def test_resume_continues_exactly(world, tmp_path, monkeypatch):
         run(train_cfg(tmp_path / "resumed", world, stage="pretrain", **overrides))
     monkeypatch.setattr(loop.ckpt, "save_stage_checkpoint", real_save)
     assert json.loads((tmp_path / "resumed" / "pretrain" / "meta.json").read_text())["step"] == 2
+    # the mid-stage checkpoint holds the optimizer state to resume from; the finished one (below) does not
+    assert (tmp_path / "resumed" / "pretrain" / ckpt.ENGINE_DIR).is_dir()
+    assert not (tmp_path / "straight" / "pretrain" / ckpt.ENGINE_DIR).exists()
 
     run(train_cfg(tmp_path / "resumed", world, stage="pretrain", resume=True, **overrides))
     resumed = read_metrics(tmp_path / "resumed")
