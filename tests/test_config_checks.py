@@ -33,8 +33,8 @@ def test_the_shipped_configs_pass():
     ("trainer.max_steps=-1", "`trainer.max_steps` must be an integer >= 1 (or null), got -1 (int)."),
     ("trainer.max_steps=0", "`trainer.max_steps` must be an integer >= 1 (or null), got 0 (int)."),
     ("seed=abc", "`seed` must be an integer >= 0, got 'abc' (str)."),
-    ("tuner.rank=abc", "`tuner.rank` must be an integer >= 1, got 'abc' (str)."),
-    ("tuner.dropout=1.5", "`tuner.dropout` must be a number >= 0 and < 1, got 1.5 (float)."),
+    ("tuner.rank=abc", "tuner.rank='abc' is not valid for the 'mores' tuner: it must be an integer."),
+    ("tuner.dropout=1.5", "tuner.dropout=1.5 is not valid for the 'mores' tuner: it must be >= 0 and < 1."),
     ("trainer.instruct.warmup_ratio=inf", "`trainer.instruct.warmup_ratio` must be a number >= 0 and < 1, got inf"),
     ("trainer.precision=fp64", "`trainer.precision` must be one of auto, fp32, bf16, got 'fp64' (str)."),
     ("resume=yes", "`resume` must be true or false, got 'yes' (str)."),
@@ -137,3 +137,11 @@ def test_eval_py_settings_are_checked_before_the_model_is_loaded():
     assert "`batch_size` must be an integer >= 1, got 0 (int)." in text
     assert "`limit` must be an integer >= 1 (or null), got 'abc' (str)." in text
     assert "`imbalance.num_samples` must be an integer >= 1, got -5 (int)." in text
+
+
+def test_tuner_option_errors_are_listed_with_the_other_problems():
+    """Tuner values are checked by the tuner's typed options (one place), in the same one-message list as the rest."""
+    found = problems("tuner.rank=abc", "seed=abc")
+    assert len(found) == 2, found
+    assert any(p.startswith("`seed` must be an integer") for p in found)
+    assert any(p.startswith("tuner.rank='abc' is not valid for the 'mores' tuner") for p in found)
