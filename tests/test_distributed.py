@@ -21,7 +21,6 @@ import torch
 
 from dist_helpers import (REPO, child_env, free_port, launch_command, load_weights, losses, read_metrics, run_checked,
                           run_many, shared_world, stage2_overrides)
-from factory.safe_load import deepspeed_state_globals, load_torch_file
 
 LOSS_RTOL = 1e-5      # fp32; 1 vs 2 processes differ only in the order gradients are summed
 WEIGHT_ATOL = 1e-5    # after 3 AdamW steps at lr 1e-3
@@ -166,12 +165,9 @@ def test_zero3_saves_gathered_trainable_weights_only(runs, tuner):
         assert all(name.startswith("connector.") or tuner in name or "lora_" in name for name in saved)
     # gathered, not this rank's shard: full shapes, identical to the 1-process run (assert_same_weights)
     assert_same_weights(runs.get(("ref", tuner)), run)
-    # DeepSpeed's own resume state holds no frozen weights either (exclude_frozen_parameters)
-    states = list((run / "instruct" / "deepspeed").rglob("*model_states.pt"))
-    assert states, "the ZeRO-3 run with save_every must keep its engine state"
-    # read as resume reads it: weights_only plus DeepSpeed's few known record classes, never a full pickle
-    module = load_torch_file(states[0], deepspeed_state_globals())["module"] or {}
-    assert set(module) <= expected, sorted(set(module) - expected)[:5]
+    # the finished stage is never resumed, so its checkpoint keeps no DeepSpeed state even though the run saved
+    # mid-stage (save_every=2); test_untrusted_files checks what a mid-stage state holds
+    assert not (run / "instruct" / "deepspeed").exists()
 
 
 def test_a_child_does_not_take_its_parents_self_described_world_for_a_launchers(monkeypatch):

@@ -140,6 +140,17 @@ def test_resume_state_holds_only_allowlisted_classes(runs):
     assert needs_allowlist == ["zero_pp_rank_0_mp_rank_00_optim_states.pt"]
 
 
+def test_resume_state_holds_no_frozen_weights(runs):
+    """A mid-stage checkpoint's DeepSpeed state holds the trained connector only (exclude_frozen_parameters): the frozen
+    vision tower and LLM are rebuilt from the config, and would make every save as big as the model."""
+    from factory.safe_load import deepspeed_state_globals, load_torch_file
+
+    _, interrupted = runs
+    (states,) = (interrupted / "pretrain" / "deepspeed").rglob("*model_states.pt")
+    module = load_torch_file(states, deepspeed_state_globals())["module"]
+    assert module and all(name.startswith("connector.") for name in module), sorted(module)[:5]
+
+
 def test_other_deepspeed_checkpoint_engines_are_refused_for_resume(runs, tmp_path):
     """A DeepSpeed config that selects another checkpoint engine (full pickle) cannot resume."""
     class Engine:
