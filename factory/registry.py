@@ -76,3 +76,9 @@ DATA_PREPARERS = Registry("data preparer", ("factory.data.prepare",))
 OPTIMIZERS = Registry("optimizer", ("factory.train.optim",))
 LOSSES = Registry("loss", ("factory.train.losses",))
 AFTER_TRAINING = Registry("after-training evaluation", ("factory.eval.after_training",))
+# External evaluation harnesses run by `eval.py harness=<name>` (lm_eval, lmms_eval), keyed by the `name` of
+# configs/harness/*.yaml; factory/harness/__init__.py imports every module of its package.
+HARNESSES = Registry("harness", ("factory.harness",))
+# Where a stage starts from, keyed by the scheme of `stage.init_from` (`hf:<dir>`, `tinyllava:<dir>`): each entry
+# builds a LlavaModel from a folder another project saved (docs/interop.md).
+CHECKPOINT_IMPORTERS = Registry("checkpoint importer", ("factory.interop",))

@@ -21,10 +21,10 @@ LAYERS = [
     ("tuners", ("factory.tuners",)),
     ("stages", ("factory.stages",)),
     ("data", ("factory.data",)),
-    ("checkpoint", ("factory.checkpoint",)),
+    ("checkpoint", ("factory.checkpoint", "factory.interop")),  # interop: other projects' layouts in and out
     ("config checks", ("factory.config_checks",)),  # the tuners validate their own options
     ("train/eval", ("factory.train", "factory.eval")),
-    ("tools", ("factory.params", "factory.testing")),
+    ("tools", ("factory.params", "factory.testing", "factory.export")),
     ("api", ("factory",)),  # factory/__init__.py: build_model and load_checkpoint, imported when called
 ]
 NEVER = [("factory.train", "factory.eval"), ("factory.eval", "factory.train"), ("factory", "factory.train")]
