@@ -23,11 +23,12 @@ LAYERS = [
     ("data", ("factory.data",)),
     ("checkpoint", ("factory.checkpoint", "factory.interop")),  # interop: other projects' layouts in and out
     ("config checks", ("factory.config_checks",)),  # the tuners validate their own options
-    ("train/eval", ("factory.train", "factory.eval")),
+    ("train/eval", ("factory.train", "factory.eval", "factory.harness")),  # harness: beside eval, reached by name
     ("tools", ("factory.params", "factory.testing", "factory.export")),
     ("api", ("factory",)),  # factory/__init__.py: build_model and load_checkpoint, imported when called
 ]
-NEVER = [("factory.train", "factory.eval"), ("factory.eval", "factory.train"), ("factory", "factory.train")]
+NEVER = [("factory.train", "factory.eval"), ("factory.eval", "factory.train"), ("factory", "factory.train"),
+         ("factory.harness", "factory.train"), ("factory.train", "factory.harness")]
 
 
 def says_why(lines: List[str], lineno: int) -> bool:
