@@ -8,7 +8,7 @@ import random
 import pytest
 
 from factory.errors import FactoryError
-from factory.eval import scoring
+from factory.eval import answer_metrics
 from factory.eval.benchmarks import get_benchmark, score_and_export
 from factory.eval.official import answer_processing as ap
 from factory.eval.official import gqa, mmmu, pope, scienceqa, vqa
@@ -34,7 +34,7 @@ def test_vqa_unanimous_answers_are_not_normalised():
     assert vqa.vqaeval_accuracy("Two", ten_twos) == 0.0
     assert vqa.vqaeval_accuracy(" 2\n", ten_twos) == 1.0      # only newline/tab → space and strip
     assert vqa.vqaeval_accuracy("dog", _records(*["the dog"] * 10)) == 0.0
-    assert scoring.vqa_accuracy("two", ["2"] * 10) == 1.0      # lenient normalises the prediction anyway
+    assert answer_metrics.vqa_accuracy("two", ["2"] * 10) == 1.0      # lenient normalises the prediction anyway
 
 
 def test_vqa_disagreeing_answers_normalise_both_sides():
@@ -43,7 +43,7 @@ def test_vqa_disagreeing_answers_normalise_both_sides():
     # articles on the HUMAN answers: "the dog" → "dog" (3 of 10): (3 * 2/3 + 7 * 1) / 10
     humans = _records(*["the dog"] * 3, *["cat"] * 7)
     assert vqa.vqaeval_accuracy("dog", humans) == pytest.approx(0.9)
-    assert scoring.vqa_accuracy("dog", ["the dog"] * 3 + ["cat"] * 7) == 0.0   # lenient keeps "the dog"
+    assert answer_metrics.vqa_accuracy("dog", ["the dog"] * 3 + ["cat"] * 7) == 0.0   # lenient keeps "the dog"
     # contractions on the human answers: "dont" → "don't"
     assert vqa.vqaeval_accuracy("don't", _records(*["dont"] * 4, *["no"] * 6)) == pytest.approx(1.0)
     # punctuation: "hot-dog" → "hot dog"; "yes !" → "yes"

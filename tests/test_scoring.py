@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from factory.errors import FactoryError
-from factory.eval import scoring
+from factory.eval import answer_metrics
 from factory.eval.score import main as score_main
 from factory.eval.score import score_file
 
@@ -29,33 +29,33 @@ from factory.eval.score import score_file
     ("(red)", "red"), ("red/blue", "red blue"),
 ])
 def test_vqa_normalisation_rules(raw, expected):
-    assert scoring.normalize_vqa_answer(raw) == expected
+    assert answer_metrics.normalize_vqa_answer(raw) == expected
 
 
 def test_leave_one_out_accuracy_values():
     ten = lambda k, a="2", b="3": [a] * k + [b] * (10 - k)  # noqa: E731
-    assert scoring.leave_one_out_accuracy("2", ten(0)) == 0.0
-    assert scoring.leave_one_out_accuracy("2", ten(1)) == pytest.approx(0.3)     # 9 subsets see 1 match: 1/3
-    assert scoring.leave_one_out_accuracy("2", ten(2)) == pytest.approx(0.6)
-    assert scoring.leave_one_out_accuracy("2", ten(3)) == pytest.approx(0.9)
-    assert scoring.leave_one_out_accuracy("2", ten(4)) == pytest.approx(1.0)
+    assert answer_metrics.leave_one_out_accuracy("2", ten(0)) == 0.0
+    assert answer_metrics.leave_one_out_accuracy("2", ten(1)) == pytest.approx(0.3)     # 9 subsets see 1 match: 1/3
+    assert answer_metrics.leave_one_out_accuracy("2", ten(2)) == pytest.approx(0.6)
+    assert answer_metrics.leave_one_out_accuracy("2", ten(3)) == pytest.approx(0.9)
+    assert answer_metrics.leave_one_out_accuracy("2", ten(4)) == pytest.approx(1.0)
 
 
 def test_vqa_accuracy_protocols():
-    assert scoring.vqa_accuracy("Two.", ["2"] * 10) == 1.0                # prediction always normalised
-    assert scoring.vqa_accuracy("dog", ["the dog"] * 10, "vqa") == 0.0    # unanimous humans are taken verbatim
-    assert scoring.vqa_accuracy("dog", ["the dog"] * 10, "textvqa") == 1.0  # TextVQA normalises both sides
+    assert answer_metrics.vqa_accuracy("Two.", ["2"] * 10) == 1.0                # prediction always normalised
+    assert answer_metrics.vqa_accuracy("dog", ["the dog"] * 10, "vqa") == 0.0    # unanimous humans are taken verbatim
+    assert answer_metrics.vqa_accuracy("dog", ["the dog"] * 10, "textvqa") == 1.0  # TextVQA normalises both sides
     # annotators disagree → punctuation-normalised human answers
-    assert scoring.vqa_accuracy("hot dog", ["hot-dog"] * 3 + ["pizza"] * 7, "vqa") == pytest.approx(0.9)
-    assert scoring.vqa_accuracy("man's hat", ["man's hat"] * 10, "textvqa") == 1.0
+    assert answer_metrics.vqa_accuracy("hot dog", ["hot-dog"] * 3 + ["pizza"] * 7, "vqa") == pytest.approx(0.9)
+    assert answer_metrics.vqa_accuracy("man's hat", ["man's hat"] * 10, "textvqa") == 1.0
     with pytest.raises(ValueError):
-        scoring.vqa_accuracy("x", ["x"], "coco")
+        answer_metrics.vqa_accuracy("x", ["x"], "coco")
 
 
 def test_gqa_and_iconqa():
-    assert scoring.gqa_correct("Yes.", "yes") and scoring.gqa_correct(" left ", "left")
-    assert not scoring.gqa_correct("the left", "left")
-    assert scoring.iconqa_correct(" 3 \n", "3") and not scoring.iconqa_correct("3.", "3")
+    assert answer_metrics.gqa_correct("Yes.", "yes") and answer_metrics.gqa_correct(" left ", "left")
+    assert not answer_metrics.gqa_correct("the left", "left")
+    assert answer_metrics.iconqa_correct(" 3 \n", "3") and not answer_metrics.iconqa_correct("3.", "3")
 
 
 @pytest.mark.parametrize("text, index", [
@@ -63,16 +63,16 @@ def test_gqa_and_iconqa():
     ("A", 0), ("E", None), ("I think so", None), ("", None), ("b", None), ("The answer is unclear", None),
 ])
 def test_sqa_letter_parsing(text, index):
-    assert scoring.parse_option_letter(text, num_choices=4) == index
+    assert answer_metrics.parse_option_letter(text, num_choices=4) == index
 
 
 def test_mmmu_choice_parsing():
     options = ["cat", "dog", "bird", "fish"]
-    assert scoring.parse_mmmu_choice("(C)", options) == 2
-    assert scoring.parse_mmmu_choice("B", options) == 1
-    assert scoring.parse_mmmu_choice("A is wrong, so the answer is D.", options) == 3  # last mention wins
-    assert scoring.parse_mmmu_choice("I believe the animal in the picture is a dog", options) == 1
-    assert scoring.parse_mmmu_choice("no idea", options) is None
+    assert answer_metrics.parse_mmmu_choice("(C)", options) == 2
+    assert answer_metrics.parse_mmmu_choice("B", options) == 1
+    assert answer_metrics.parse_mmmu_choice("A is wrong, so the answer is D.", options) == 3  # last mention wins
+    assert answer_metrics.parse_mmmu_choice("I believe the animal in the picture is a dog", options) == 1
+    assert answer_metrics.parse_mmmu_choice("no idea", options) is None
 
 
 @pytest.mark.parametrize("text, parsed", [
@@ -81,14 +81,14 @@ def test_mmmu_choice_parsing():
     ("no,", "no"), ("Nope", "yes"),     # commas dropped; only the words no/not
 ])
 def test_pope_parsing(text, parsed):
-    assert scoring.parse_yes_no(text) == parsed
+    assert answer_metrics.parse_yes_no(text) == parsed
 
 
 def test_binary_metrics_known_confusion_matrix():
     # TP=3, FP=1, TN=4, FN=2 → precision 3/4, recall 3/5, F1 2/3, accuracy 7/10, yes-ratio 4/10
     preds = ["yes"] * 3 + ["yes"] + ["no"] * 4 + ["no"] * 2
     labels = ["yes"] * 3 + ["no"] + ["no"] * 4 + ["yes"] * 2
-    m = scoring.binary_metrics(preds, labels)
+    m = answer_metrics.binary_metrics(preds, labels)
     assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (3, 1, 4, 2)
     assert m["accuracy"] == pytest.approx(70.0) and m["precision"] == pytest.approx(75.0)
     assert m["recall"] == pytest.approx(60.0) and m["f1"] == pytest.approx(200 / 3)

@@ -2,9 +2,9 @@
 
 A `Benchmark` bundles two scorers ``score(predictions, annotations, questions, strict) -> metrics`` — ``official``
 (factory/eval/official/: the benchmark's own evaluation code, bit for bit; the default protocol) and ``score`` (the
-factory's lenient rules of factory/eval/scoring.py) — None when the benchmark is judged elsewhere (MM-Vet by GPT-4),
-the matching exporters of the submission file, and generation defaults. `score_answers` / `export_answers` pick by
-protocol. Metrics are percentages (0..100) plus ``n`` and the skip counts of `annotations.join`.
+factory's lenient rules of factory/eval/answer_metrics.py) — None when the benchmark is judged elsewhere (MM-Vet by
+GPT-4), the matching exporters of the submission file, and generation defaults. `score_answers` / `export_answers`
+pick by protocol. Metrics are percentages (0..100) plus ``n`` and the skip counts of `annotations.join`.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from factory.errors import FactoryError
 from factory.eval import annotations as ann
-from factory.eval import official, scoring
+from factory.eval import answer_metrics, official
 from factory.eval.official import exports as official_exports
 from factory.eval.official import scorers as official_scorers
 from factory.registry import BENCHMARKS
@@ -87,22 +87,22 @@ def _vqa_scorer(loader: Callable[[Path], Dict[str, List[str]]], protocol: str, n
         if key != "question_id":
             predictions = ann.attach_from_questions(predictions, questions, key, name)
         joined = ann.join(predictions, truth, name, annotations, key=key, strict=strict)
-        accs = [scoring.vqa_accuracy(row["text"], answers, protocol) for row, answers in joined.pairs]
-        return {"accuracy": scoring.mean_percent(accs), **joined.report()}
+        accs = [answer_metrics.vqa_accuracy(row["text"], answers, protocol) for row, answers in joined.pairs]
+        return {"accuracy": answer_metrics.mean_percent(accs), **joined.report()}
     return score
 
 
 def score_gqa(predictions: Rows, annotations: Path, questions: Optional[Path] = None, strict: bool = False):
     joined = ann.join(predictions, ann.load_gqa(annotations), "gqa", annotations, strict=strict)
-    correct = [scoring.gqa_correct(row["text"], answer) for row, answer in joined.pairs]
-    return {"accuracy": scoring.mean_percent(correct), **joined.report()}
+    correct = [answer_metrics.gqa_correct(row["text"], answer) for row, answer in joined.pairs]
+    return {"accuracy": answer_metrics.mean_percent(correct), **joined.report()}
 
 
 def score_iconqa(predictions: Rows, annotations: Path, questions: Optional[Path] = None, strict: bool = False):
     truth = ann.load_labels(annotations, "iconqa", "answer")
     joined = ann.join(predictions, truth, "iconqa", annotations, strict=strict)
-    correct = [scoring.iconqa_correct(row["text"], gt["answer"]) for row, gt in joined.pairs]
-    return {"accuracy": scoring.mean_percent(correct), **joined.report()}
+    correct = [answer_metrics.iconqa_correct(row["text"], gt["answer"]) for row, gt in joined.pairs]
+    return {"accuracy": answer_metrics.mean_percent(correct), **joined.report()}
 
 
 def score_pope(predictions: Rows, annotations: Path, questions: Optional[Path] = None, strict: bool = False):
@@ -115,13 +115,13 @@ def score_pope(predictions: Rows, annotations: Path, questions: Optional[Path] =
     several_splits = len({row.get("category", "all") for row in truth.values()}) > 1
     by_split: Dict[str, List[tuple]] = defaultdict(list)
     for row, gt in joined.pairs:
-        pair = (scoring.parse_yes_no(row["text"]), str(gt["label"]).strip().lower())
+        pair = (answer_metrics.parse_yes_no(row["text"]), str(gt["label"]).strip().lower())
         by_split[gt.get("category", "all")].append(pair)
         if several_splits:
             by_split["all"].append(pair)
     result: Dict[str, Any] = {}
     for split, pairs in sorted(by_split.items()):
-        result[split] = scoring.binary_metrics([p for p, _ in pairs], [l for _, l in pairs])
+        result[split] = answer_metrics.binary_metrics([p for p, _ in pairs], [l for _, l in pairs])
     overall = result["all"] if "all" in result else next(iter(result.values()))
     # Top-level keys are the overall numbers so the CLI's one-line output reads like every other benchmark's.
     return {**{k: overall[k] for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")},
@@ -133,13 +133,13 @@ def score_sqa(predictions: Rows, annotations: Path, questions: Optional[Path] = 
     joined = ann.join(predictions, ann.load_sqa(annotations), "sqa", annotations, strict=strict)
     correct, correct_img, unparsable = [], [], 0
     for row, problem in joined.pairs:
-        index = scoring.parse_option_letter(row["text"], len(problem["choices"]))
+        index = answer_metrics.parse_option_letter(row["text"], len(problem["choices"]))
         unparsable += index is None
         ok = index is not None and index == int(problem["answer"])
         correct.append(ok)
         if problem.get("image"):
             correct_img.append(ok)
-    return {"accuracy": scoring.mean_percent(correct), "img_accuracy": scoring.mean_percent(correct_img),
+    return {"accuracy": answer_metrics.mean_percent(correct), "img_accuracy": answer_metrics.mean_percent(correct_img),
             "n_img": len(correct_img), "unparsable": unparsable, **joined.report()}
 
 
@@ -153,18 +153,19 @@ def score_mmmu(predictions: Rows, annotations: Path, questions: Optional[Path] =
         if isinstance(options, str):  # the HF dataset stores options as a Python-literal string
             options = json.loads(options.replace("'", '"')) if options.strip().startswith("[") else None
         if gt.get("question_type", "multiple-choice") == "multiple-choice" and options:
-            index = scoring.parse_mmmu_choice(row["text"], options)
+            index = answer_metrics.parse_mmmu_choice(row["text"], options)
             unparsable += index is None
-            correct.append(index is not None and scoring.OPTION_LETTERS[index] == str(gt["answer"]).strip())
+            correct.append(index is not None and answer_metrics.OPTION_LETTERS[index] == str(gt["answer"]).strip())
         else:  # open questions: exact match after light normalisation
-            correct.append(scoring.normalize_gqa_answer(row["text"]) == scoring.normalize_gqa_answer(gt["answer"]))
-    return {"accuracy": scoring.mean_percent(correct), "unparsable": unparsable, **joined.report()}
+            correct.append(answer_metrics.normalize_gqa_answer(row["text"])
+                           == answer_metrics.normalize_gqa_answer(gt["answer"]))
+    return {"accuracy": answer_metrics.mean_percent(correct), "unparsable": unparsable, **joined.report()}
 
 
 def export_vqav2(predictions: Rows, out_dir: Path, test_questions: Optional[Path] = None) -> Path:
     """EvalAI test-dev submission: [{"question_id": int, "answer": normalised}], every test question present
     (unanswered ones get "" so the server accepts the file; their count is printed)."""
-    answers = {str(r["question_id"]): scoring.normalize_vqa_answer(r["text"]) for r in predictions}
+    answers = {str(r["question_id"]): answer_metrics.normalize_vqa_answer(r["text"]) for r in predictions}
     ids = list(answers)
     if test_questions is not None:
         doc = ann.read_json_or_jsonl(test_questions, "VQAv2 test questions")
@@ -197,7 +198,7 @@ def export_vizwiz(predictions: Rows, out_dir: Path, test_questions: Optional[Pat
     predictions = ann.attach_from_questions(predictions, test_questions, "image", "vizwiz")
     out = Path(out_dir) / "vizwiz_submission.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps([{"image": r.get("image"), "answer": scoring.normalize_vqa_answer(r["text"])}
+    out.write_text(json.dumps([{"image": r.get("image"), "answer": answer_metrics.normalize_vqa_answer(r["text"])}
                                for r in predictions]))
     return out
 

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from factory.errors import FactoryError
-from factory.eval import scoring
+from factory.eval import answer_metrics
 from factory.eval.annotations import join
 from factory.eval.generate import answer_questions, batched, check_image_paths, load_questions, missing_images
 
@@ -23,7 +23,7 @@ QUESTION_TYPES = ("color", "shape", "count", "position", "existence")
 
 
 def answers_match(prediction: str, answer: str) -> bool:
-    return scoring.normalize_vqa_answer(prediction) == scoring.normalize_vqa_answer(answer)
+    return answer_metrics.normalize_vqa_answer(prediction) == answer_metrics.normalize_vqa_answer(answer)
 
 
 def score_rows(pairs: Sequence[tuple]) -> Dict[str, Any]:
@@ -37,12 +37,12 @@ def score_rows(pairs: Sequence[tuple]) -> Dict[str, Any]:
                                f"`answer`; use the eval.json written by the micro-world generator.")
         per_type[qtype].append(answers_match(text, str(question["answer"])))
         if qtype == "existence":
-            pope_preds.append(scoring.parse_yes_no(text))
+            pope_preds.append(answer_metrics.parse_yes_no(text))
             pope_labels.append(str(question["answer"]).strip().lower())
     every = [ok for oks in per_type.values() for ok in oks]
-    pope = scoring.binary_metrics(pope_preds, pope_labels) if pope_preds else None
-    return {"accuracy": scoring.mean_percent(every),
-            "per_type": {t: scoring.mean_percent(per_type[t]) for t in sorted(per_type)},
+    pope = answer_metrics.binary_metrics(pope_preds, pope_labels) if pope_preds else None
+    return {"accuracy": answer_metrics.mean_percent(every),
+            "per_type": {t: answer_metrics.mean_percent(per_type[t]) for t in sorted(per_type)},
             "per_type_n": {t: len(per_type[t]) for t in sorted(per_type)},
             "pope": pope, "n": len(every)}
 

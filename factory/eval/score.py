@@ -1,4 +1,5 @@
-"""Score an answer file without a model: ``python -m factory.eval.score --benchmark vqav2 --predictions answers.jsonl
+"""The command that scores an answer file without a model (the metrics themselves: answer_metrics.py and official/):
+``python -m factory.eval.score --benchmark vqav2 --predictions answers.jsonl
 --annotations v2_mscoco_val2014_annotations.json`` (``--protocol official``, the default, reproduces the benchmark's
 official evaluation code; ``--protocol lenient`` uses the factory's friendlier answer parsing).
 
@@ -47,7 +48,8 @@ def score_file(benchmark: str, predictions: Path, annotations: Optional[Path] = 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m factory.eval.score", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m factory.eval.score",
+                                     description="Score (or export) an answer file without a model.")
     parser.add_argument("--benchmark", required=True,
                         help="vqav2 | textvqa | vizwiz | gqa | pope | sqa | mmmu | iconqa | mmvet")
     parser.add_argument("--predictions", required=True, type=Path, help="LLaVA answer jsonl (question_id, text)")

@@ -1,7 +1,7 @@
 """Scoring that reproduces each benchmark's official evaluation code, quirks included (protocol ``official``).
 
 One module per benchmark family; docs/evaluation.md names the official file each one follows and every quirk kept.
-The factory's own, more lenient rules stay in factory/eval/scoring.py (protocol ``lenient``).
+The factory's own, more lenient rules stay in factory/eval/answer_metrics.py (protocol ``lenient``).
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 
 from factory.errors import FactoryError
 from factory.eval import annotations as ann
-from factory.eval import scoring
+from factory.eval import answer_metrics
 from factory.eval.official import DEFAULT_SEED, gqa, mmmu, pope, scienceqa, vqa
 
 Rows = List[Dict[str, Any]]
@@ -33,7 +33,7 @@ def score_vqav2(predictions: Rows, annotations: Path, questions: Optional[Path] 
     joined = ann.join(predictions, ann.load_vqav2_records(annotations), "vqav2", annotations, strict=strict)
     _warn_unanswered(joined, "vqav2", "refuses a results file that does not answer every question")
     accs = [vqa.vqaeval_accuracy(row["text"], records) for row, records in joined.pairs]
-    return {"accuracy": scoring.mean_percent(accs), **joined.report()}
+    return {"accuracy": answer_metrics.mean_percent(accs), **joined.report()}
 
 
 def score_vizwiz(predictions: Rows, annotations: Path, questions: Optional[Path] = None, strict: bool = False):
@@ -41,13 +41,13 @@ def score_vizwiz(predictions: Rows, annotations: Path, questions: Optional[Path]
     joined = ann.join(predictions, ann.load_vizwiz_records(annotations), "vizwiz", annotations, key="image",
                       strict=strict)
     accs = [vqa.vqaeval_accuracy(row["text"], records, hold_out="position") for row, records in joined.pairs]
-    return {"accuracy": scoring.mean_percent(accs), **joined.report()}
+    return {"accuracy": answer_metrics.mean_percent(accs), **joined.report()}
 
 
 def score_textvqa(predictions: Rows, annotations: Path, questions: Optional[Path] = None, strict: bool = False):
     joined = ann.join(predictions, ann.load_textvqa(annotations), "textvqa", annotations, strict=strict)
     accs = [vqa.textvqa_accuracy(row["text"], answers, row["question_id"]) for row, answers in joined.pairs]
-    return {"accuracy": scoring.mean_percent(accs), **joined.report()}
+    return {"accuracy": answer_metrics.mean_percent(accs), **joined.report()}
 
 
 def score_gqa(predictions: Rows, annotations: Path, questions: Optional[Path] = None, strict: bool = False):
@@ -55,10 +55,10 @@ def score_gqa(predictions: Rows, annotations: Path, questions: Optional[Path] = 
     _warn_unanswered(joined, "gqa", "stops with 'no prediction for question ...'")
     balanced = [(row, q) for row, q in joined.pairs if q.get("isBalanced", True)]
     correct = [gqa.gqa_correct(row["text"], q) for row, q in balanced]
-    result: Dict[str, Any] = {"accuracy": scoring.mean_percent(correct), "n_balanced": len(balanced)}
+    result: Dict[str, Any] = {"accuracy": answer_metrics.mean_percent(correct), "n_balanced": len(balanced)}
     if balanced and all("types" in q for _, q in balanced):
         for kind in ("binary", "open"):
-            result[kind] = scoring.mean_percent([ok for ok, (_, q) in zip(correct, balanced)
+            result[kind] = answer_metrics.mean_percent([ok for ok, (_, q) in zip(correct, balanced)
                                                  if gqa.gqa_answer_type(q) == kind])
     return {**result, **joined.report()}
 
@@ -73,10 +73,10 @@ def score_pope(predictions: Rows, annotations: Path, questions: Optional[Path] =
     by_split: Dict[str, List[tuple]] = defaultdict(list)
     for row, gt in joined.pairs:
         by_split[gt.get("category", "all")].append((pope.pope_answer(row["text"]), gt["label"]))
-    splits = {name: scoring.binary_metrics([p for p, _ in pairs], [lab for _, lab in pairs])
+    splits = {name: answer_metrics.binary_metrics([p for p, _ in pairs], [lab for _, lab in pairs])
               for name, pairs in sorted(by_split.items())}
     everything = [pair for pairs in by_split.values() for pair in pairs]
-    overall = scoring.binary_metrics([p for p, _ in everything], [lab for _, lab in everything])
+    overall = answer_metrics.binary_metrics([p for p, _ in everything], [lab for _, lab in everything])
     result = {**{k: overall[k] for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")},
               "splits": splits if len(splits) > 1 else None, **joined.report()}
     if len(splits) > 1:  # LLaVA-1.5's tables report the F1 averaged over the splits that eval_pope.py prints
@@ -96,7 +96,7 @@ def score_sqa(predictions: Rows, annotations: Path, questions: Optional[Path] = 
         # science answer files have exactly when the problem has an image.
         if problem.get("image"):
             correct_img.append(ok)
-    return {"accuracy": scoring.mean_percent(correct), "img_accuracy": scoring.mean_percent(correct_img),
+    return {"accuracy": answer_metrics.mean_percent(correct), "img_accuracy": answer_metrics.mean_percent(correct_img),
             "n_img": len(correct_img), "unparsable": failed, **joined.report()}
 
 
@@ -128,12 +128,13 @@ def score_mmmu(predictions: Rows, annotations: Path, questions: Optional[Path] =
             correct.append(mmmu.choice_correct(gt["answer"], letter))
         else:
             correct.append(mmmu.open_correct(gt["answer"], mmmu.parse_open(str(row["text"]))))
-    return {"accuracy": scoring.mean_percent(correct), "random_guesses": guessed, "seed": seed, **joined.report()}
+    return {"accuracy": answer_metrics.mean_percent(correct), "random_guesses": guessed, "seed": seed,
+            **joined.report()}
 
 
 def score_iconqa(predictions: Rows, annotations: Path, questions: Optional[Path] = None, strict: bool = False):
     """IconQA: exact match after stripping whitespace (PAPER.md §5), the same rule as `lenient`."""
     truth = ann.load_labels(annotations, "iconqa", "answer")
     joined = ann.join(predictions, truth, "iconqa", annotations, strict=strict)
-    correct = [scoring.iconqa_correct(row["text"], gt["answer"]) for row, gt in joined.pairs]
-    return {"accuracy": scoring.mean_percent(correct), **joined.report()}
+    correct = [answer_metrics.iconqa_correct(row["text"], gt["answer"]) for row, gt in joined.pairs]
+    return {"accuracy": answer_metrics.mean_percent(correct), **joined.report()}

@@ -1,4 +1,6 @@
-"""Answer normalisation and per-benchmark metrics, following the official evaluation tools' published behaviour.
+"""Answer normalisation and per-benchmark metrics, following the official evaluation tools' published behaviour
+(the `lenient` protocol's rules, and the metric helpers both protocols share). The command that scores an answer
+file is factory/eval/score.py.
 
 Pure functions on strings and numbers (no files, no model) so every rule is unit-testable:
 
@@ -33,7 +35,8 @@ ARTICLES = frozenset({"a", "an", "the"})
 # "couldn't've"), which reproduces the official contraction table without listing each variant by hand.
 _CANONICAL_CONTRACTIONS = (
     "ain't", "aren't", "can't", "could've", "couldn't", "couldn't've", "didn't", "doesn't", "don't", "hadn't",
-    "hadn't've", "hasn't", "haven't", "he'd", "he'd've", "he'll", "he's", "how'd", "how'll", "how's", "isn't", "it'd", "it'd've", "it'll", "it's", "let's", "ma'am", "mightn't",
+    "hadn't've", "hasn't", "haven't", "he'd", "he'd've", "he'll", "he's", "how'd", "how'll", "how's", "isn't",
+    "it'd", "it'd've", "it'll", "it's", "let's", "ma'am", "mightn't",
     "mightn't've", "might've", "mustn't", "must've", "needn't", "not've", "o'clock", "oughtn't", "'ow's'at",
     "shan't", "she'd", "she'd've", "she'll", "she's", "should've", "shouldn't", "shouldn't've", "somebody'd",
     "somebody'd've", "somebody'll", "somebody's", "someone'd", "someone'd've", "someone'll", "someone's",
@@ -225,7 +228,8 @@ def parse_mmmu_choice(text: str, options: Sequence[str]) -> Optional[int]:
 # --------------------------------------------------------------------------------------------------------------
 
 def parse_yes_no(text: str) -> str:
-    """POPE's rule: keep the first sentence, drop commas; any word "no"/"not"/"No" → "no", everything else → "yes"."""
+    """POPE's rule: keep the first sentence, drop commas; any word "no"/"not"/"No" → "no", everything else →
+    "yes"."""
     text = str(text)
     if "." in text:
         text = text.split(".")[0]
