@@ -20,12 +20,13 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from PIL import Image, ImageDraw
 
 from factory.constants import IMAGE_MARKER
 from factory.errors import FactoryError
+from factory.model.loading import node_get
 
 # Bump when the generated content changes, so cached worlds are regenerated.
 GENERATOR_VERSION = 2
@@ -244,12 +245,6 @@ def _read_manifest(root: Path) -> Optional[Dict[str, Any]]:
         return None
 
 
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    if isinstance(cfg, Mapping):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
-
-
 def ensure_microworld(data_cfg) -> Path:
     """Generate the micro-world into `data_cfg.root` unless a world with the same settings is already there.
 
@@ -257,22 +252,21 @@ def ensure_microworld(data_cfg) -> Path:
     ({num_train_images, num_eval_images, image_size}). Returns the absolute root. Safe when several processes of one
     distributed job call it at once: each writes into a private temporary folder that is moved into place atomically.
     """
-    root_value = _get(data_cfg, "root")
+    root_value = node_get(data_cfg, "root")
     if not root_value:
         raise FactoryError("The micro-world data config has no `root`: set `data.root` "
                            "(e.g. data.root=data/microworld).")
     root = Path(str(root_value)).expanduser().resolve()
     sizes = dict(DEFAULT_SIZES)
-    sizes.update({k: _get(_get(data_cfg, "sizes", {}) or {}, k) for k in DEFAULT_SIZES
-                  if _get(_get(data_cfg, "sizes", {}) or {}, k) is not None})
-    seed = _get(data_cfg, "seed", 0)
-    seed = 0 if seed is None else seed
+    sizes.update({k: node_get(node_get(data_cfg, "sizes", {}) or {}, k) for k in DEFAULT_SIZES
+                  if node_get(node_get(data_cfg, "sizes", {}) or {}, k) is not None})
+    seed = node_get(data_cfg, "seed", 0)
     wanted = _settings(seed, sizes["num_train_images"], sizes["num_eval_images"], sizes["image_size"])
 
     manifest = _read_manifest(root)
     if manifest is not None and {k: manifest.get(k) for k in wanted} == wanted:
         return root
-    if not _get(data_cfg, "generate", True):
+    if not node_get(data_cfg, "generate", True):
         if manifest is None and (root / "eval.json").is_file():
             return root  # a world someone placed there by hand; use it as is
         raise FactoryError(
