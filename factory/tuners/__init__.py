@@ -21,7 +21,10 @@ from torch import nn
 
 from factory.errors import FactoryError
 from factory.registry import TUNERS
+from factory.tuners.adapter import BottleneckAdapter  # re-created on HF models by factory.hf
+from factory.tuners.arch import llm_arch
 from factory.tuners.base import Tuner
+from factory.tuners.mores import MoReS  # re-created on HF models by factory.hf
 from factory.tuners.tune_types import STAGE_TUNE, TUNE_TYPES, check_tune
 from factory.tuners.vision_lora import VisionLoraOptions, add_vision_lora, vision_lora_options
 
@@ -144,6 +147,7 @@ def merge_for_export(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["all_frozen", "apply_tuning", "build_tuner", "check_tune", "count_parameters", "merge_for_export",
+__all__ = ["BottleneckAdapter", "MoReS", "llm_arch", "all_frozen", "apply_tuning", "build_tuner", "check_tune",
+           "count_parameters", "merge_for_export",
            "stage_presets", "tune_types", "tuner_names", "tuning_report", "validate_tuner_options", "STAGE_TUNE",
            "TUNER_MODULES"]

@@ -35,7 +35,10 @@ from torch.nn.utils.parametrizations import orthogonal
 from factory.errors import FactoryError
 from factory.tuners.arch import hidden_size, llm_layers, module_device
 from factory.tuners.base import Tuner, register_tuner
-from factory.tuners.mores_positions import parse_layers, parse_positions, select_positions
+from factory.tuners.mores_positions import (
+    POSITION_RULES, check_positions_rule, parse_layers, parse_positions, select_positions,
+    select_positions_llava_steering,
+)
 from factory.tuners.options import in_range, one_of
 
 
@@ -69,6 +72,26 @@ class MoReSIntervention(nn.Module):
         stored = self.rotate.parametrizations.weight.original
         with without_autocast(stored.device):
             return householder_columns(stored.float())
+
+    @torch.no_grad()
+    def load_rotation(self, rotation: torch.Tensor) -> None:
+        """Make `rotation()` return the given D×d matrix (up to fp32 rounding, ~1e-7): the materialised R that other
+        projects save (LLaVA-Steering's `rotate_layer`). Its QR factorisation gives the householder reflectors
+        (strictly lower part) and the column signs (diagonal) that `householder_columns` reads; a column LAPACK
+        leaves unreflected (tau = 0) is a reflection there, so its sign is flipped to compensate."""
+        stored = self.rotate.parametrizations.weight.original
+        if tuple(rotation.shape) != tuple(stored.shape):
+            raise FactoryError(f"A MoReS rotation of shape {tuple(rotation.shape)} does not fit this layer's "
+                               f"{tuple(stored.shape)} (hidden size × rank).")
+        r = rotation.detach().to(device=stored.device, dtype=torch.float64)
+        error = float((r.t() @ r - torch.eye(r.shape[1], dtype=r.dtype, device=r.device)).abs().max())
+        if error > 1e-3:
+            raise FactoryError(f"The MoReS rotation R to load does not have orthonormal columns (max |RᵀR − I| = "
+                               f"{error:.2g}); it is not a MoReS R (check which tensor the file calls the rotation).")
+        reflectors, tau = torch.geqrf(r)
+        signs = torch.where(reflectors.diagonal() >= 0, 1.0, -1.0).to(r.dtype) * torch.where(tau == 0, -1.0, 1.0)
+        reflectors.diagonal().copy_(signs)
+        stored.copy_(reflectors.to(stored.dtype))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         with without_autocast(hidden.device):
@@ -108,13 +131,16 @@ class MoReS(nn.Module):
     """Per-layer MoReS interventions plus the forward hooks that apply them at the observed positions."""
 
     def __init__(self, hidden: int, layer_ids: Sequence[int], rank: int = 1, positions: str = "f4+l5",
-                 modality: str = "vision", dropout: float = 0.05):
+                 modality: str = "vision", dropout: float = 0.05, positions_rule: str = "image_span",
+                 positions_offset: int = 1):
         super().__init__()
         if modality not in ("vision", "text"):
             raise FactoryError(f"tuner.modality={modality!r} is not supported: use 'vision' (default) or 'text'.")
         self.layer_ids: List[int] = list(layer_ids)
         self.rank, self.modality, self.positions_spec = rank, modality, str(positions)
         self.spec = parse_positions(positions)
+        check_positions_rule(positions_rule, self.spec, modality)
+        self.positions_rule, self.positions_offset = positions_rule, int(positions_offset)
         self.interventions = nn.ModuleDict({str(i): MoReSIntervention(hidden, rank, dropout) for i in self.layer_ids})
         self.positions: Optional[torch.Tensor] = None  # [B, P] of the last observed batch, -1 = padding
         self._rows: Optional[tuple] = None  # (batch index [M], position [M]) of every steered token
@@ -123,7 +149,10 @@ class MoReS(nn.Module):
 
     # ---- batch observer (called by LlavaModel before the LLM runs) -------------------------------------------
     def observe_batch(self, image_mask: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> None:
-        self.positions = select_positions(image_mask, attention_mask, self.spec, self.modality)
+        if self.positions_rule == "llava_steering":
+            self.positions = select_positions_llava_steering(image_mask, self.spec, self.positions_offset)
+        else:
+            self.positions = select_positions(image_mask, attention_mask, self.spec, self.modality)
         valid = self.positions >= 0
         self._rows = (valid.nonzero(as_tuple=True)[0], self.positions[valid])
         self._shape = tuple(image_mask.shape)
@@ -167,7 +196,7 @@ class MoReS(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"rank={self.rank}, layers={self.layer_ids}, positions={self.positions_spec!r}, "
-                f"modality={self.modality!r}")
+                f"modality={self.modality!r}, positions_rule={self.positions_rule!r}")
 
 
 @dataclass(frozen=True)
@@ -177,12 +206,15 @@ class MoReSOptions:
     positions: str = "f4+l5"                       # fN+lM | fN | lM | ratio=r | all (mores_positions)
     modality: str = "vision"                       # vision | text
     dropout: float = 0.05
+    positions_rule: str = "image_span"             # image_span | llava_steering (mores_positions.POSITION_RULES)
+    positions_offset: int = 1                      # llava_steering only: window start − image start
 
     def check(self, tuner: str) -> None:
         in_range(tuner, "rank", self.rank, low=1)
         one_of(tuner, "modality", self.modality, ("vision", "text"))
         in_range(tuner, "dropout", self.dropout, low=0, high=1, high_open=True)
-        parse_positions(self.positions)  # its own FactoryError names tuner.positions
+        one_of(tuner, "positions_rule", self.positions_rule, POSITION_RULES)
+        check_positions_rule(self.positions_rule, parse_positions(self.positions), self.modality)
 
 
 @register_tuner
@@ -202,7 +234,8 @@ class MoReSTuner(Tuner):
         ids = parse_layers(opts.layers, len(layers))
         with torch.device(module_device(llm)):
             mores = MoReS(hidden_size(llm), ids, rank=opts.rank, positions=opts.positions, modality=opts.modality,
-                          dropout=opts.dropout)
+                          dropout=opts.dropout, positions_rule=opts.positions_rule,
+                          positions_offset=opts.positions_offset)
         llm.add_module("mores", mores)  # inside the LLM: its parameters are the LLM's TP*
         mores.attach(layers)
         observers = getattr(model, "batch_observers", None)

@@ -152,10 +152,54 @@ def select_positions(image_mask: torch.Tensor, attention_mask: torch.Tensor | No
     return positions
 
 
+# `tuner.positions_rule`: where the span that `positions` is applied to lies.
+#   image_span      the image tokens of each sample (the factory's rule, the paper's intent);
+#   llava_steering  what LLaVA-Steering's evaluation computed: a span as long as the image, starting
+#                   `positions_offset` tokens after the image start (their start is the length of the prompt tokens
+#                   minus the question's, which with Phi-2's tokenizer lands one token late: the trailing space of
+#                   "USER: <image>\n{q} " is a token of its own), and fN+lM clipped to half the span each.
+POSITION_RULES = ("image_span", "llava_steering")
+
+
+def check_positions_rule(rule: str, spec: PositionSpec, modality: str) -> None:
+    if rule not in POSITION_RULES:
+        raise FactoryError(f"tuner.positions_rule={rule!r} is not supported: use one of {', '.join(POSITION_RULES)}.")
+    if rule == "llava_steering" and (spec.ratio > 0 or modality != "vision"):
+        raise FactoryError(
+            "tuner.positions_rule=llava_steering reproduces LLaVA-Steering's visual positions: it takes "
+            "tuner.positions of the form fN+lM, fN or lM and tuner.modality=vision (their `uniform` and text rules "
+            "are not supported). Use positions_rule=image_span for ratio=/all positions or the text modality."
+        )
+
+
+def select_positions_llava_steering(image_mask: torch.Tensor, spec: PositionSpec, offset: int) -> torch.Tensor:
+    """Positions [B, P] (-1 = padding) of the llava_steering rule: n = the sample's image-token count, the window
+    [s + offset, s + offset + n) with s its first image token, its first min(n // 2, f) and last min(n // 2, l)
+    positions (LLaVA-Steering's clipping), positions past the end of the sequence dropped."""
+    image_mask = image_mask.bool()
+    batch, length = image_mask.shape
+    rows = []
+    for b in range(batch):  # B small integers; the masks stay on their device
+        where = image_mask[b].nonzero().flatten()
+        if where.numel() == 0:
+            rows.append([])
+            continue
+        n, start = int(where.numel()), int(where[0]) + offset
+        first, last = min(n // 2, spec.first), min(n // 2, spec.last)
+        picked = list(range(first)) + list(range(n - last, n))
+        rows.append([start + i for i in picked if 0 <= start + i < length])
+    width = max((len(r) for r in rows), default=0)
+    positions = torch.full((batch, width), -1, dtype=torch.long)
+    for b, row in enumerate(rows):
+        positions[b, :len(row)] = torch.tensor(row, dtype=torch.long)
+    return positions.to(image_mask.device)
+
+
 def expected_count(spec: PositionSpec, n: int) -> int:
     """How many positions a span of n candidates yields (for docs and tests)."""
     front, back = spec.count(n)
     return front + back
 
 
-__all__ = ["PositionSpec", "parse_positions", "parse_layers", "select_positions", "expected_count"]
+__all__ = ["PositionSpec", "parse_positions", "parse_layers", "select_positions", "expected_count", "POSITION_RULES",
+           "check_positions_rule", "select_positions_llava_steering"]
