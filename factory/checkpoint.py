@@ -12,7 +12,7 @@ import json
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from factory.distributed import barrier
 from factory.errors import FactoryError
 from factory.model.build import build_model
 from factory.model.loading import cast_parameters, resolve_dtype
+from factory.registry import CHECKPOINT_IMPORTERS
 from factory.safe_load import check_remote_code, load_torch_file
 from factory.stages import tune_for_stage
 from factory.tuners import apply_tuning
@@ -196,12 +197,51 @@ def restore_trained_weights(model, path: Path, cfg: DictConfig, meta: Dict[str, 
     load_trainable_into(model, path)
 
 
+# ------------------------------------------------------------------------------------- folders of other projects
+def imported_source(value: Any) -> Optional[Tuple[str, Path]]:
+    """`hf:<dir>` → ("hf", <dir>): a folder another project saved, read by the importer registered for the scheme in
+    registry.CHECKPOINT_IMPORTERS (factory/interop). None for a plain path (an existing path whose name holds a
+    colon stays a path)."""
+    text = str(value)
+    scheme, sep, rest = text.partition(":")
+    if not sep or len(scheme) < 2 or not scheme.isidentifier() or Path(text).expanduser().exists():
+        return None  # no scheme (a one-letter prefix is a Windows drive)
+    if scheme not in CHECKPOINT_IMPORTERS:
+        raise FactoryError(
+            f"{text!r} is neither an existing folder nor `<scheme>:<folder>` with a known scheme (known: "
+            f"{', '.join(f'{n}:' for n in CHECKPOINT_IMPORTERS.names())}). Pass a `<run_dir>/<stage>` folder or e.g. "
+            "hf:<folder of a HF Llava checkpoint>.")
+    if not rest:
+        raise FactoryError(f"{text!r} names no folder after `{scheme}:`; write {scheme}:<folder>.")
+    return scheme, Path(rest).expanduser()
+
+
+def import_model(value: Any, dtype: Optional[Any] = None, template: Optional[str] = None):
+    """The LlavaModel of `<scheme>:<folder>` (e.g. hf:<dir>), built by the registered importer."""
+    scheme, folder = imported_source(value)
+    return CHECKPOINT_IMPORTERS.get(scheme)(folder, dtype=dtype, template=template)
+
+
+def build_base_model(cfg: DictConfig, dtype: Optional[Any] = None):
+    """The model a stage starts from before its tuning: `build_model(cfg)`, or, when `stage.init_from` is
+    `<scheme>:<folder>`, the imported folder (its config defines vision, connector and LLM; the stage's template
+    is used for training, so no template matching is needed)."""
+    source = (cfg.get("stage") or {}).get("init_from")
+    if source and imported_source(source):
+        return import_model(source, dtype=dtype, template=str(cfg.llm.get("template") or "plain"))
+    return build_model(cfg, dtype=dtype)
+
+
 def load_checkpoint(path, device: str = "cpu", dtype: Optional[Any] = None, trust_remote_code: bool = False):
     """Rebuild a LlavaModel from a checkpoint folder alone: config.yaml → build_model (frozen weights from the
     recorded paths) → apply_tuning as recorded → trained weights from trainable.safetensors.
 
     A config.yaml that sets `trust_remote_code` is refused unless the caller passes trust_remote_code=True (eval.py
-    and chat.py: `trust_remote_code=true` on the command line): a checkpoint must not switch on code execution."""
+    and chat.py: `trust_remote_code=true` on the command line): a checkpoint must not switch on code execution.
+
+    `path` may also be `<scheme>:<folder>` (e.g. `hf:<dir>`, a HF Llava checkpoint), imported as it is."""
+    if imported_source(path):
+        return import_model(path, dtype=dtype).to(device).eval()
     path = Path(str(path)).expanduser()
     meta = read_meta(path)
     try:
@@ -214,7 +254,7 @@ def load_checkpoint(path, device: str = "cpu", dtype: Optional[Any] = None, trus
     # reproducible from the recorded seed (the run built them under that seed, like we do here).
     cfg.init = "random" if recorded_init == "random" else "pretrained"
     torch.manual_seed(int(meta.get("seed", cfg.get("seed", 0))))
-    model = build_model(cfg, dtype=dtype)
+    model = build_base_model(cfg, dtype=dtype)
     restore_trained_weights(model, path, cfg, meta)
     model.template = meta.get("template", model.template)
     if dtype is not None:  # as the bf16/fp32 engine held it in training, tuner weights included (PEFT keeps fp32)

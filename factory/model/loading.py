@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -23,16 +23,47 @@ def node_get(node: Any, key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
-def from_pretrained_or_explain(model_class: Any, path: Any, key: str, what: str, **kwargs: Any) -> Any:
-    """`model_class.from_pretrained(path, **kwargs)`, with a missing/unreadable model reported as a FactoryError that
-    names the config key instead of a stack trace from the hub client."""
+def from_pretrained_or_explain(model_class: Any, path: Any, key: str, what: str,
+                               unused_prefixes: Tuple[str, ...] = (), **kwargs: Any) -> Any:
+    """`model_class.from_pretrained(path, **kwargs)`, strict: a missing/unreadable model, and weights that do not
+    cover the module (missing, unexpected or mis-shaped tensors), are a FactoryError that names the config key, the
+    folder and the first offending keys, instead of a stack trace from the hub client or, worse, a module left with
+    random weights. `unused_prefixes`: tensors the folder may legitimately hold beyond the module (the text tower of
+    a whole CLIP/SigLIP checkpoint when only its vision tower is loaded); the caller lists them explicitly."""
     try:
-        return model_class.from_pretrained(str(path), **kwargs)
+        model, info = model_class.from_pretrained(str(path), output_loading_info=True, **kwargs)
     except (OSError, ValueError) as err:
         raise FactoryError(
             f"Could not load the {what} from `{key}` = {path!r}: {err}. Check the hub id or the local folder (it "
             "needs config.json and the weights); offline, download it first."
         ) from None
+    check_loading_info(info, path, key, what, unused_prefixes)
+    return model
+
+
+def check_loading_info(info: Dict[str, Any], path: Any, key: str, what: str,
+                       unused_prefixes: Tuple[str, ...] = ()) -> None:
+    """Refuse a `from_pretrained` whose weights did not cover the module (transformers only warns, and initialises
+    the uncovered parameters at random). `info` is the `output_loading_info` dict."""
+    missing = sorted(info.get("missing_keys") or ())
+    unexpected = sorted(k for k in (info.get("unexpected_keys") or ()) if not k.startswith(unused_prefixes))
+    mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in (info.get("mismatched_keys") or ()))
+    if not (missing or unexpected or mismatched):
+        return
+    parts = [f"{label} {len(keys)} ({short_list(keys)})" for label, keys in
+             (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)) if keys]
+    raise FactoryError(
+        f"The weights in `{key}` = {path!r} do not fit the {what}: {'; '.join(parts)}. The folder holds another "
+        f"model (or another layout: a whole LLaVA checkpoint is imported with stage.init_from=hf:<folder>, not given "
+        f"as a component path), so the {what} would run with random weights. Point `{key}` at a folder of this "
+        "component alone."
+    )
+
+
+def short_list(names: Any, limit: int = 4) -> str:
+    names = list(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f", … ({len(names)} in all)" if len(names) > limit else "")
 
 
 def load_arch(node: Any, component: str) -> Dict[str, Any]:

@@ -29,7 +29,6 @@ from factory.data.prepare import prepare_data
 from factory.data.verify import verify_run_data
 from factory.distributed import barrier, broadcast_object, init_distributed
 from factory.errors import FactoryError
-from factory.model.build import build_model
 from factory.registry import AFTER_TRAINING
 from factory.safe_load import remote_code_requests
 from factory.stages import StageSpec, plan_stages
@@ -240,6 +239,8 @@ def _initial_stage1_checkpoint(cfg: DictConfig, stages) -> Optional[Path]:
             "stage=instruct starts from a stage-1 checkpoint, but `stage.init_from` is not set. Pass "
             "stage.init_from=<run_dir>/pretrain (the folder a stage=pretrain run wrote), or use stage=all."
         )
+    if ckpt.imported_source(init_from):  # hf:<dir> …: the imported model is the start, no stage-1 folder
+        return None
     path = Path(str(init_from)).expanduser().resolve()
     ckpt.require_stage1_checkpoint(path)
     return path
@@ -252,7 +253,7 @@ def build_stage_model(cfg: DictConfig, spec: StageSpec, stage1: Optional[Path], 
     # run's seed, so identical configs give identical models in every process and after a resume.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(cfg.get("seed", 0)))
-        model = build_model(cfg, dtype=dtype)
+        model = ckpt.build_base_model(cfg, dtype=dtype)  # build_model, or the stage.init_from=hf:<dir> import
         if stage1 is not None:
             meta = ckpt.require_stage1_checkpoint(stage1)
             ckpt.restore_trained_weights(model, stage1, OmegaConf.load(stage1 / ckpt.CONFIG_FILE), meta)

@@ -23,6 +23,10 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HALF = (0.5, 0.5, 0.5)
 IMAGE_ASPECTS = ("pad", "resize")
+# Published towers are often whole CLIP / SigLIP checkpoints (openai/clip-vit-large-patch14-336,
+# google/siglip-so400m-patch14-384): loading their vision tower legitimately leaves these tensors unused. Anything
+# else unused, or any tower tensor missing, is refused (model/loading.py check_loading_info).
+WHOLE_MODEL_EXTRAS = ("text_model.", "text_projection.", "visual_projection.", "logit_scale", "logit_bias")
 
 
 def block_index(select_layer: int, num_layers: int, component: str = "vision") -> int:
@@ -117,6 +121,25 @@ def pad_to_square(image: Image.Image, fill: Tuple[int, ...]) -> Image.Image:
     return canvas
 
 
+# `vision.feature_select`: which tokens of the selected layer reach the connector.
+#   default – the patch tokens (CLIP's CLS dropped, SigLIP's tokens all kept);
+#   full    – every token, CLIP's CLS included (HF Llava's vision_feature_select_strategy="full");
+#   patch   – the first token dropped whatever the tower (LLaVA / TinyLLaVA's `patch` and HF Llava's "default":
+#             for SigLIP this drops a patch token, 728 tokens at 384 px instead of 729).
+FEATURE_SELECTS = ("default", "full", "patch")
+
+
+def tokens_dropped(cfg: Any, prefix_tokens: int) -> int:
+    """How many leading tokens `vision.feature_select` drops from a tower whose output starts with `prefix_tokens`."""
+    select = str(node_get(cfg, "feature_select", "default"))
+    if select not in FEATURE_SELECTS:
+        raise FactoryError(
+            f"`vision.feature_select` = {select!r} is not supported; use one of {FEATURE_SELECTS} (default = patch "
+            "tokens only, full = every token incl. CLS, patch = drop the first token whatever the tower)."
+        )
+    return {"default": prefix_tokens, "full": 0, "patch": 1}[select]
+
+
 class HFVisionEncoder(VisionEncoder):
     """Shared code of the transformers ViT towers (CLIPVisionModel, SiglipVisionModel).
 
@@ -129,15 +152,22 @@ class HFVisionEncoder(VisionEncoder):
     model_class: Any = None  # set by subclasses
     default_mean: Sequence[float] = HALF
     default_std: Sequence[float] = HALF
-    drop_prefix_tokens: int = 0  # CLIP: 1 (the CLS token)
+    prefix_tokens: int = 0  # tokens before the patches in the tower's output (CLIP: 1, the CLS token)
 
-    def __init__(self, cfg: Any, init: str, dtype: torch.dtype):
+    def __init__(self, cfg: Any, init: str, dtype: torch.dtype, tower: Any = None):
+        """`tower`: an already loaded `model_class` instance to wrap instead of loading one (the vision tower of an
+        imported HF Llava checkpoint, factory/interop/hf_llava.py); `init` is then ignored."""
         super().__init__(cfg, *self._preprocess_stats(cfg, init))
-        self.model = self._load(cfg, init, dtype)
+        if tower is not None and not isinstance(tower, self.model_class):
+            raise FactoryError(f"The vision tower is a {type(tower).__name__}, but `vision.name` selects an encoder "
+                               f"for {self.model_class.__name__}.")
+        self.model = tower if tower is not None else self._load(cfg, init, dtype)
         config = self.model.config
         self.hidden_size = int(config.hidden_size)
         self.image_size = int(config.image_size)
-        self.num_tokens = (config.image_size // config.patch_size) ** 2
+        self.feature_select = str(node_get(cfg, "feature_select", "default"))
+        self.drop_tokens = tokens_dropped(cfg, self.prefix_tokens)
+        self.num_tokens = (config.image_size // config.patch_size) ** 2 + self.prefix_tokens - self.drop_tokens
         self.num_blocks = block_index(self.select_layer, config.num_hidden_layers)
         self.check_image_size(cfg)
 
@@ -155,7 +185,7 @@ class HFVisionEncoder(VisionEncoder):
             if not path:
                 raise FactoryError("`vision.path` is empty; set it to a HF hub id or a local folder (or init=random).")
             return from_pretrained_or_explain(self.model_class, path, "vision.path", "vision encoder", dtype=dtype,
-                                              attn_implementation=attn)
+                                              attn_implementation=attn, unused_prefixes=WHOLE_MODEL_EXTRAS)
         values = load_arch(cfg, "vision")
         config = AutoConfig.for_model(values.pop("model_type"), **values)
         config._attn_implementation = attn
@@ -176,5 +206,5 @@ class HFVisionEncoder(VisionEncoder):
         for block in tower.encoder.layers[: self.num_blocks]:
             out = block(hidden, None)
             hidden = out[0] if isinstance(out, tuple) else out
-        return hidden[:, self.drop_prefix_tokens:]
+        return hidden[:, self.drop_tokens:]
 

@@ -12,7 +12,7 @@ class HFClipEncoder(HFVisionEncoder):
     model_class = CLIPVisionModel
     default_mean = CLIP_MEAN
     default_std = CLIP_STD
-    drop_prefix_tokens = 1
+    prefix_tokens = 1
 
     def _pre_blocks(self, tower, hidden):
         # CLIP normalises the embeddings before the first block; hidden_states[0] is taken after it.

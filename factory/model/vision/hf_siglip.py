@@ -15,4 +15,4 @@ class HFSiglipEncoder(HFVisionEncoder):
     model_class = SiglipVisionModel
     default_mean = HALF
     default_std = HALF
-    drop_prefix_tokens = 0
+    prefix_tokens = 0
