@@ -15,7 +15,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 if __name__ == "__main__":
     # Counting needs no weights and no tokenizer from the hub: never wait on the network. huggingface_hub reads these
@@ -25,14 +25,22 @@ if __name__ == "__main__":
 
 from omegaconf import OmegaConf
 
-from factory.config import compose
+from factory.config import CONFIG_DIR, compose
 from factory.errors import FactoryError
 from factory.model.build import build_model
 from factory.stages import tune_for_stage
 from factory.tuners import apply_tuning
 
 MODELS = ("llava_3b", "llava_7b", "llava_13b")
-TUNER_CONFIGS = ("frozen", "full", "mores", "mores_l", "mores_h", "lora", "ia3", "oft", "adapter")
+
+
+def tuner_configs(config_dir: Path = CONFIG_DIR) -> Tuple[str, ...]:
+    """The tuner presets shipped in configs/tuner/*.yaml (package data), sorted by name: a new preset file is
+    counted in the table (and so must appear in docs/params.md) without editing this module."""
+    return tuple(sorted(path.stem for path in (Path(config_dir) / "tuner").glob("*.yaml")))
+
+
+TUNER_CONFIGS = tuner_configs()
 
 # The paper's TP* (PAPER.md §2), LLM parameters only. None = not published.
 PAPER_TP: Dict[str, Dict[str, Optional[int]]] = {

@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from factory.params import PAPER_TP, count, main
+from factory.config import CONFIG_DIR
+from factory.params import PAPER_TP, TUNER_CONFIGS, count, main, tuner_configs
 
 PAPER_EXACT = [(tuner, model, PAPER_TP[tuner][model])
                for tuner in ("mores", "lora", "ia3", "adapter") for model in ("llava_3b", "llava_7b", "llava_13b")]
@@ -49,6 +50,19 @@ def test_cli_prints_one_json_object_last(capsys):
     assert main(["model=llava_3b", "tuner=ia3", "+tuner.rnak=2"]) == 2  # a typo: one clear message, exit code 2
     err = capsys.readouterr().err
     assert "rnak" in err and "Traceback" not in err
+
+
+def test_the_tuner_presets_are_read_from_the_shipped_configs(tmp_path):
+    """TUNER_CONFIGS is configs/tuner/*.yaml (package data), so a new preset file is counted without editing
+    factory/params.py (and test_table_equals_docs_params_md then asks for its row in docs/params.md)."""
+    shipped = sorted(path.stem for path in (CONFIG_DIR / "tuner").glob("*.yaml"))
+    assert list(TUNER_CONFIGS) == shipped
+    assert {"frozen", "full", "mores", "mores_l", "mores_h", "lora", "ia3", "oft", "adapter"} <= set(shipped)
+    (tmp_path / "tuner").mkdir()
+    for name in ("zeta", "alpha"):
+        (tmp_path / "tuner" / f"{name}.yaml").write_text("name: lora\n")
+    (tmp_path / "tuner" / "README.txt").write_text("not a preset")
+    assert tuner_configs(tmp_path) == ("alpha", "zeta")
 
 
 def test_table_equals_docs_params_md():
