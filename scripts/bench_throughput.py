@@ -50,6 +50,7 @@ import torch  # noqa: E402
 
 from factory.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
 from factory.errors import FactoryError  # noqa: E402
+from factory.model.llava import enable_activation_checkpointing  # noqa: E402
 
 PEAK_FLOPS = {"cuda": 989e12}  # H100 SXM dense bf16; other GPUs: pass --peak-tflops
 HF_COUNTERPART = {"frozen": "frozen", "full": "full", "lora": "lora", "mores": "lora"}
@@ -282,7 +283,7 @@ def bench_variant(args, side: str, tuner: str, dims: dict, dtype, peak) -> dict:
             cfg = compose_config(args.model, tuner, args.size, args.override)
             model = build_ours(cfg, dtype, args.device)
             if args.gradient_checkpointing:
-                model.llm.gradient_checkpointing_enable()
+                model.activation_checkpointing_enable()  # as training does (factory/train/loop.py)
             parts = (model.vision, model.connector, model.llm)
             batch = make_batch(args.batch, args.seq, dims["n_image"], dims["image_size"], dims["vocab"], args.device,
                                dtype)
@@ -290,7 +291,7 @@ def bench_variant(args, side: str, tuner: str, dims: dict, dtype, peak) -> dict:
             model = build_hf(dims["vision_cfg"], dims["text_cfg"], dims["n_image"], tuner, dims["lora_cfg"], dtype,
                              args.device)
             if args.gradient_checkpointing:
-                model.model.language_model.gradient_checkpointing_enable()
+                enable_activation_checkpointing(model.model.language_model)
             parts = (model.model.vision_tower, model.model.multi_modal_projector,
                      torch.nn.ModuleList([model.model.language_model, model.lm_head]))
             batch = hf_batch(make_batch(args.batch, args.seq, dims["n_image"], dims["image_size"], dims["vocab"],

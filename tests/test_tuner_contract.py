@@ -6,13 +6,10 @@ factory/tuners is tested here without editing this file):
   trains exactly those), never the vision encoder or the connector when they are frozen;
 * TP*: its count on the meta device for llava_3b is the number documented in docs/params.md;
 * save → load: the trainable state dict of a trained model, loaded into a fresh one, gives identical logits;
-* generate: cached greedy decoding equals step-by-step argmax without a cache, with no transformers deprecation
-  warning raised by the forward or generate calls.
+* generate: cached greedy decoding equals step-by-step argmax without a cache, with no deprecation raised by the
+  forward or generate calls (tests/test_transformers_drift.py).
 """
-import logging
 import re
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -21,7 +18,8 @@ import torch
 from factory.params import TUNER_CONFIGS, count
 from factory.testing import tiny_model
 from factory.tuners import apply_tuning, count_parameters, tuner_names
-from tests.test_mores import make_batch
+from test_mores import make_batch  # not tests.test_mores: an installed package may own the name `tests`
+from test_transformers_drift import deprecations_are_errors
 
 ONLY_LLM = {"vision": "frozen", "connector": "frozen", "llm": "tuner"}
 PARAMS_DOC = Path(__file__).resolve().parent.parent / "docs" / "params.md"
@@ -34,37 +32,11 @@ def documented_tp(tuner: str, model: str = "llava_3b") -> int:
     header = next(line for line in lines if line.startswith("| tuner |"))
     column = [c.strip() for c in header.strip("|").split("|")].index(f"{model} TP* (ours)")
     row = next((line for line in lines if line.startswith(f"| {tuner} |")), None)
-    assert row is not None, f"docs/params.md has no row for tuner {tuner!r}: add it to factory.params.TUNER_CONFIGS " \
-                            f"and run `python -m factory.params --table`"
+    assert row is not None, f"docs/params.md has no row for tuner {tuner!r}: give it a preset " \
+                            f"configs/tuner/<name>.yaml (factory.params.TUNER_CONFIGS lists them) and run " \
+                            f"`python -m factory.params --table`"
     cell = [c.strip() for c in row.strip("|").split("|")][column]
     return int(re.sub(r"[^0-9]", "", cell))
-
-
-@contextmanager
-def no_transformers_deprecations():
-    """FutureWarning/DeprecationWarning become errors, and transformers' logged deprecation notices are collected
-    (transformers logs some, e.g. for `past_key_values`, through `logger.warning_once` instead of `warnings`)."""
-    import transformers
-
-    notices = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            if "deprecat" in record.getMessage().lower():
-                notices.append(record.getMessage())
-
-    handler = Collect()
-    logger = transformers.utils.logging.get_logger("transformers")
-    logging.Logger.warning_once.cache_clear()  # a notice logged earlier in this process would otherwise be skipped
-    logger.addHandler(handler)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", FutureWarning)
-            warnings.simplefilter("error", DeprecationWarning)
-            yield
-    finally:
-        logger.removeHandler(handler)
-    assert notices == []
 
 
 def greedy_without_cache(model, ids, mask, pixels, steps):
@@ -165,31 +137,6 @@ def test_save_load_identical_logits_and_cached_generation(tuner):
 
     ids, mask, pixels, _ = batch
     ids, mask = ids[:, :30], mask[:, :30]  # both samples keep their image span; sample 1 is left-padded
-    with torch.no_grad(), no_transformers_deprecations():
+    with torch.no_grad(), deprecations_are_errors():
         cached = fresh.generate(ids, mask, pixels, max_new_tokens=5, eos_token_id=-1)
         assert cached == greedy_without_cache(fresh, ids, mask, pixels, 5)
-
-
-def test_forward_and_generate_raise_no_transformers_deprecation():
-    """The LLM is called with the cache keyword its transformers version declares (factory/model/hf_cache.py)."""
-    model = tiny_model(llm="phi").eval()
-    ids, mask, pixels, labels = make_batch(model)
-    with torch.no_grad(), no_transformers_deprecations():
-        out = model(ids, mask, pixels, labels=labels, use_cache=True)
-        assert out.cache is not None and out.loss is not None
-        step = model(ids[:, :1], torch.cat([mask, mask.new_ones(2, 1)], dim=1), cache=out.cache, use_cache=True)
-        assert step.logits.shape == (2, 1, out.logits.shape[-1])
-        assert len(model.generate(ids, mask, pixels, max_new_tokens=3, eos_token_id=-1)[0]) == 3
-
-
-def test_the_deprecation_check_catches_the_old_keyword():
-    """The check above can fail: calling the LLM with the renamed-away keyword is caught where it is deprecated."""
-    from factory.model.hf_cache import cache_argument
-
-    model = tiny_model(llm="phi").eval()
-    if cache_argument(model.llm) == "past_key_values":
-        pytest.skip("this transformers version has no `cache` keyword yet, so `past_key_values` is not deprecated")
-    embeds = torch.zeros(1, 3, model.llm.config.hidden_size)
-    with torch.no_grad(), pytest.raises((FutureWarning, AssertionError)):
-        with no_transformers_deprecations():
-            model.llm(inputs_embeds=embeds, past_key_values=None, use_cache=True)

@@ -5,7 +5,7 @@ import torch
 from factory.errors import FactoryError
 from factory.testing import tiny_model
 from factory.tuners import apply_tuning, count_parameters, merge_for_export, stage_presets
-from tests.test_mores import make_batch
+from test_mores import make_batch  # not tests.test_mores: an installed package may own the name `tests`
 
 D, F, L = 64, 256, 2  # tiny_model: hidden 64, FFN 4·64, 2 layers
 SMALL = {  # the paper's tuners, shrunk to tiny-model sizes

@@ -181,12 +181,24 @@ class LlavaModel(nn.Module):
             for name, p in params.items():
                 p.copy_(state_dict[name].to(device=p.device, dtype=p.dtype))
 
-    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+    def activation_checkpointing_enable(self) -> None:
         """Recompute LLM activations in backward (the LLM holds nearly all activation memory)."""
-        self.llm.gradient_checkpointing_enable(**kwargs)
+        enable_activation_checkpointing(self.llm)
         if hasattr(self.llm, "enable_input_require_grads"):
             # with a frozen embedding the checkpointed blocks would otherwise see inputs without grad
             self.llm.enable_input_require_grads()
+
+
+def enable_activation_checkpointing(causal_lm: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of a Hugging Face model (or a PEFT wrapper of one). transformers 5.24
+    names it `activation_checkpointing_enable` and warns that the old name, `gradient_checkpointing_enable`, goes
+    away in v6; older 5.x releases know only the old name, so the model's own method is looked up."""
+    options = {"use_reentrant": False}
+    enable = getattr(causal_lm, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=options)
+    else:
+        causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
 
 def left_align(input_ids: torch.Tensor, attention_mask: torch.Tensor):

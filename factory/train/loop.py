@@ -135,7 +135,7 @@ def setup(model: torch.nn.Module, spec: StageSpec, dataset, collate_fn: Callable
     seed_everything(int(cfg.get("seed", 0)) + 1000 * dist.rank)
     plan, total_steps = plan_batches(spec, dataset, trainer, dist.world_size)
     if trainer.get("gradient_checkpointing"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable()
     if not any(p.requires_grad for p in model.parameters()):
         raise FactoryError(f"Nothing trains in stage {spec.name!r}: `stage.{spec.name}.tune` freezes every component.")
     ds_config = deepspeed_config(cfg.get("deepspeed"), plan.micro_batch_size, plan.grad_accum, dist.world_size,
