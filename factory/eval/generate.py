@@ -122,11 +122,18 @@ def left_pad(sequences: Sequence[List[int]], pad_id: int) -> tuple:
 def prepare_batch(model, conversations: Sequence[List[Dict[str, str]]], images: Sequence[Optional[str]],
                   image_folder: Optional[Path]) -> Dict[str, Any]:
     """Prompt ids (left-padded), attention mask and the stacked images of the samples that have one."""
+    pixels = [load_pixels(model, image_folder, name) for name in images if name]
+    return batch_from_pixels(model, conversations, pixels)
+
+
+def batch_from_pixels(model, conversations: Sequence[List[Dict[str, str]]],
+                      pixels: Sequence[torch.Tensor]) -> Dict[str, Any]:
+    """`prepare_batch` for images already transformed (`model.vision.image_transform`), one per conversation that
+    holds the image marker, in order; the lmms-eval model (factory/harness) gets its images as PIL objects."""
     template = template_of(model)
     prompts = [template.encode_prompt(conv, model.tokenizer, model.image_token_count) for conv in conversations]
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     input_ids, attention_mask = left_pad(prompts, int(pad_id))
-    pixels = [load_pixels(model, image_folder, name) for name in images if name]
     device = module_device(model)
     pixel_values = None
     if pixels:
