@@ -28,6 +28,7 @@ from factory.eval.output_folder import (checkpoint_identity, ensure_writable_dir
                                         keyed_output_dir)
 from factory.eval.plots import plot_imbalance
 from factory.eval.benchmark_run import run_benchmark
+from factory.registry import HARNESSES
 
 ROOT_CONFIG = "eval"  # configs/eval.yaml
 USAGE = "e.g. checkpoint=runs/x/instruct benchmark=pope"
@@ -98,6 +99,8 @@ def _microworld_defaults(cfg: DictConfig, train_cfg: Dict[str, Any]) -> None:
 
 
 def run(cfg: DictConfig) -> Dict[str, Any]:
+    if cfg.get("harness") is not None:  # `harness=lm_eval`: an external harness, found by its config's name
+        return HARNESSES.get(str(cfg.harness.get("name")))(cfg)
     checkpoint = Path(cfg.checkpoint)
     train_cfg = checkpoint_config(checkpoint)
     if cfg.benchmark == "microworld":
