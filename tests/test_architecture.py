@@ -24,7 +24,7 @@ LAYERS = [
     ("checkpoint", ("factory.checkpoint", "factory.interop")),  # interop: other projects' layouts in and out
     ("config checks", ("factory.config_checks",)),  # the tuners validate their own options
     ("train/eval", ("factory.train", "factory.eval", "factory.harness")),  # harness: beside eval, reached by name
-    ("tools", ("factory.params", "factory.testing", "factory.export")),
+    ("tools", ("factory.params", "factory.testing", "factory.export", "factory.hf")),  # hf: tuners on HF Llava
     ("api", ("factory",)),  # factory/__init__.py: build_model and load_checkpoint, imported when called
 ]
 NEVER = [("factory.train", "factory.eval"), ("factory.eval", "factory.train"), ("factory", "factory.train"),

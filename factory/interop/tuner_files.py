@@ -92,12 +92,12 @@ def write_tuner_files(model: Any, checkpoint_meta: Mapping[str, Any], out_dir: A
     out_dir = Path(str(out_dir))
     if not out_dir.is_dir():
         raise FactoryError(f"{out_dir} does not exist; write the HF base model there first (python -m factory.export).")
+    tuner_cfg = _tuner_config(model, checkpoint_meta)
     targets = [out_dir / SETTINGS_FILE, out_dir / WEIGHTS_FILE]
     existing = [str(p) for p in targets if p.exists()]
     if existing:
         raise FactoryError(f"{', '.join(existing)} already exist(s); tuner files are never overwritten. Export into "
                            "a new folder.")
-    tuner_cfg = _tuner_config(model, checkpoint_meta)
     options = dataclasses.asdict(build_tuner(tuner_cfg).options)
     specific, weights = (_mores_files if tuner_cfg["name"] == "mores" else _adapter_files)(model)
     llm_config = model.llm.config
