@@ -56,6 +56,27 @@ def test_chat_py_user_errors_exit_2_with_one_message(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_chat_py_debug_group_shortens_answers_and_the_command_line_wins(tmp_path):
+    """chat.py has eval.py's `debug` group: debug=fast caps answers at 8 tokens (default 256); a key on the command
+    line still wins; the in-process composition (factory.eval.chat.main) is the same."""
+    from factory.command_line import compose_app
+    from factory.eval.chat import ROOT_CONFIG, USAGE
+
+    args = ["--cfg", "job", "checkpoint=x", "image=a.png", "question=hi"]
+    code, out, err = _run(tmp_path, "chat.py", *args)
+    assert code == 0, err
+    assert yaml.safe_load(out)["max_new_tokens"] == 256
+    code, out, err = _run(tmp_path, "chat.py", *args, "debug=fast")
+    assert code == 0, err
+    assert yaml.safe_load(out)["max_new_tokens"] == 8
+    code, out, err = _run(tmp_path, "chat.py", *args, "debug=fast", "max_new_tokens=20")
+    assert code == 0 and yaml.safe_load(out)["max_new_tokens"] == 20
+    assert compose_app(["checkpoint=x", "debug=fast"], ROOT_CONFIG, "chat.py", USAGE).max_new_tokens == 8
+    code, _, err = _run(tmp_path, "chat.py", "checkpoint=x", "debug=slow")
+    assert code == 2 and "Could not find 'debug/slow'" in err and "fast" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_in_process_composition_matches_the_app():
     cfg = load_config(["checkpoint=runs/x/instruct", "benchmark=gqa", "debug=fast"])
     assert (cfg.benchmark, cfg.limit, cfg.max_new_tokens, cfg.batch_size) == ("gqa", 8, 8, 8)
