@@ -216,6 +216,12 @@ def imported_source(value: Any) -> Optional[Tuple[str, Path]]:
     return scheme, Path(rest).expanduser()
 
 
+def checkpoint_folder(value: Any) -> Path:
+    """The folder a `checkpoint=` argument names: `<run_dir>/<stage>`, or the folder of `<scheme>:<folder>`."""
+    source = imported_source(value)
+    return source[1] if source else Path(str(value)).expanduser()
+
+
 def import_model(value: Any, dtype: Optional[Any] = None, template: Optional[str] = None):
     """The LlavaModel of `<scheme>:<folder>` (e.g. hf:<dir>), built by the registered importer."""
     scheme, folder = imported_source(value)

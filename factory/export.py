@@ -28,6 +28,9 @@ from factory.interop.hf_llava_export import write_hf_llava
 from factory.interop.tuner_files import ATTACHABLE, write_tuner_files
 
 USAGE = "python -m factory.export checkpoint=<run_dir>/<stage> out=<new folder> [overwrite=true]"
+# transformers picks the torchvision image processor by default; only the PIL one resizes as the factory does.
+PROCESSOR_NOTE = ("load the processor with AutoProcessor.from_pretrained(out, backend='pil') for the factory's exact "
+                  "pixels; the default torchvision backend resizes differently (about 0.01 in normalised pixels).")
 SETTINGS = {"checkpoint": None, "out": None, "overwrite": False, "trust_remote_code": False}
 
 
@@ -103,7 +106,8 @@ def export(checkpoint: str, out: str, overwrite: bool = False, trust_remote_code
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"out": str(out_path), "checkpoint": str(checkpoint), "tuner": tuner, **report}
+    return {"out": str(out_path), "checkpoint": str(checkpoint), "tuner": tuner, **report,
+            "note": PROCESSOR_NOTE}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

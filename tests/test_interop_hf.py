@@ -314,3 +314,29 @@ def test_an_existing_out_folder_is_never_replaced_silently(tmp_path, capsys):
     assert export_main([f"checkpoint={folder}", "output=x"]) == 2
     assert "Unknown argument 'output=x'" in capsys.readouterr().err
     shutil.rmtree(tmp_path / "out")
+
+
+def test_eval_and_chat_run_on_an_hf_folder(tmp_path, capsys):
+    """`eval.py checkpoint=hf:<dir>` and `chat.py checkpoint=hf:<dir>` (in-process): the answers are the imported
+    model's greedy tokens; eval's default output folder is inside <dir>."""
+    from factory.eval import chat, cli
+
+    folder = tmp_path / "hf"
+    write_hf_llava(folder, "clip_llama")
+    (tmp_path / "images").mkdir()
+    image(11).save(tmp_path / "images" / "a.png")
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(json.dumps({"question_id": "q1", "image": "a.png", "text": QUESTIONS[0]}) + "\n")
+    model = factory.load_checkpoint(f"hf:{folder}")
+    prompt = get_template(model.template).encode_prompt([{"from": "human", "value": "<image>\n" + QUESTIONS[0]}],
+                                                        model.tokenizer, model.image_token_count)
+    pixels = model.vision.image_transform(Image.open(tmp_path / "images" / "a.png"))[None]
+    expected = model.tokenizer.decode(model.generate(torch.tensor([prompt]), pixel_values=pixels,
+                                                     max_new_tokens=6)[0], skip_special_tokens=True).strip()
+    assert chat.main([f"checkpoint=hf:{folder}", f"image={tmp_path / 'images' / 'a.png'}",
+                      f"question={QUESTIONS[0]}", "max_new_tokens=6"]) == 0
+    assert capsys.readouterr().out.strip() == expected
+    assert cli.main([f"checkpoint=hf:{folder}", "benchmark=pope", f"question_file={questions}",
+                     f"image_folder={tmp_path / 'images'}", "max_new_tokens=6"]) == 0
+    answers = [json.loads(line) for line in (folder / "eval" / "pope" / "answers.jsonl").read_text().splitlines()]
+    assert [a["text"] for a in answers] == [expected]

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from factory.checkpoint import load_checkpoint
+from factory.checkpoint import checkpoint_folder, load_checkpoint
 from factory.command_line import compose_app, missing_checkpoint
 from factory.config import CONFIG_DIR
 from factory.config_checks import check_eval_config
@@ -101,7 +101,7 @@ def _microworld_defaults(cfg: DictConfig, train_cfg: Dict[str, Any]) -> None:
 def run(cfg: DictConfig) -> Dict[str, Any]:
     if cfg.get("harness") is not None:  # `harness=lm_eval`: an external harness, found by its config's name
         return HARNESSES.get(str(cfg.harness.get("name")))(cfg)
-    checkpoint = Path(cfg.checkpoint)
+    checkpoint = checkpoint_folder(cfg.checkpoint)  # hf:<dir> → <dir> (the default output folder goes inside)
     train_cfg = checkpoint_config(checkpoint)
     if cfg.benchmark == "microworld":
         _microworld_defaults(cfg, train_cfg)

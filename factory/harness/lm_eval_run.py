@@ -23,13 +23,12 @@ from typing import Any, Dict, List, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from factory.checkpoint import CONFIG_FILE, load_checkpoint, read_meta
+from factory.checkpoint import CONFIG_FILE, build_base_model, load_checkpoint, read_meta
 from factory.errors import FactoryError
 from factory.eval.cli import output_dir_for, pick_device, remote_code_opt_in
 from factory.eval.output_folder import checkpoint_identity, file_sha256, keyed_output_dir
 from factory.harness.lm_eval_model import FactoryTextLM
 from factory.harness.lm_eval_tasks import task_specs
-from factory.model.build import build_model
 from factory.model.loading import cast_parameters, resolve_dtype
 from factory.registry import HARNESSES
 from factory.safe_load import check_remote_code
@@ -66,13 +65,13 @@ def options(cfg: DictConfig) -> Dict[str, Any]:
 
 def load_base_model(checkpoint: Path, device: str, dtype: Any, trust_remote_code: bool):
     """The checkpoint's model before training: its config built as load_checkpoint builds it (same frozen weights,
-    same seed for a random init), with no tuner attached and no trained weight loaded."""
+    same seed for a random init, the same `stage.init_from` import), with no tuner and no trained weight."""
     meta = read_meta(checkpoint)
     cfg = OmegaConf.load(checkpoint / CONFIG_FILE)
     check_remote_code(cfg, checkpoint / CONFIG_FILE, allowed=trust_remote_code)
     cfg.init = "random" if cfg.get("init", "pretrained") == "random" else "pretrained"
     torch.manual_seed(int(meta.get("seed", cfg.get("seed", 0))))
-    model = build_model(cfg, dtype=dtype)
+    model = build_base_model(cfg, dtype=dtype)
     if dtype is not None:
         cast_parameters(model, resolve_dtype(dtype))
     return model.to(device).eval()
