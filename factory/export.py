@@ -87,19 +87,40 @@ def base_without_tuner(path: Path, meta: Dict[str, Any]):
     return base
 
 
+def without_mores(model):
+    """The imported model with its MoReS taken off (after its tuner files are written): the base HF Llava holds.
+    Importers attach MoReS only (the adapter is never imported), so anything else is named."""
+    mores = getattr(model.llm, "mores", None)
+    if getattr(model, "applied_tuner", None) != "mores" or mores is None:
+        raise FactoryError(f"The imported model carries tuner {getattr(model, 'applied_tuner', None)!r}; only an "
+                           "imported MoReS can be written as tuner files beside an HF Llava export.")
+    mores.detach()
+    model.batch_observers.remove(mores)
+    del model.llm.mores
+    model.applied_tuner = None
+    return model
+
+
 def export(checkpoint: str, out: str, overwrite: bool = False, trust_remote_code: bool = False) -> Dict[str, Any]:
     """Export `checkpoint` (a `<run_dir>/<stage>` folder, or `hf:<dir>`) into the new folder `out`."""
     out_path = Path(out).expanduser()
     imported = ckpt.imported_source(checkpoint) is not None
     meta = {} if imported else ckpt.read_meta(Path(checkpoint).expanduser())
     model = ckpt.load_checkpoint(checkpoint, trust_remote_code=trust_remote_code)
-    tuner = meta.get("tuner")
-    base = base_without_tuner(Path(checkpoint).expanduser(), meta) if tuner in ATTACHABLE else model
+    # an imported folder has no meta.json: its importer records the tuner it attached (tinyllava: LLaVA-Steering's MoReS)
+    tuner = getattr(model, "applied_tuner", None) if imported else meta.get("tuner")
+    if imported and tuner in ATTACHABLE:
+        meta = {"tuner": tuner}
     tmp = prepare_out(out_path, overwrite)
     try:
+        tuner_files = [p.name for p in write_tuner_files(model, meta, tmp)] if tuner in ATTACHABLE else None
+        if imported:
+            base = without_mores(model) if tuner in ATTACHABLE else model
+        else:
+            base = base_without_tuner(Path(checkpoint).expanduser(), meta) if tuner in ATTACHABLE else model
         report = write_hf_llava(base, tmp)
-        if tuner in ATTACHABLE:
-            report["tuner_files"] = [p.name for p in write_tuner_files(model, meta, tmp)]
+        if tuner_files is not None:
+            report["tuner_files"] = tuner_files
         if out_path.exists():  # overwrite=true, checked in prepare_out
             shutil.rmtree(out_path)
         tmp.rename(out_path)

@@ -306,3 +306,38 @@ def test_missing_components_and_whole_model_files_are_named(tmp_path):
     refused(folder, r"holds the whole TinyLLaVA model in pytorch_model.bin .* not the per-component layout")
     with pytest.raises(FactoryError, match=r"tinyllava:.*nope: no such folder"):
         factory.load_checkpoint(f"tinyllava:{tmp_path / 'nope'}")
+
+
+# ------------------------------------------------------------------------------------------------ export and attach
+def test_export_writes_hf_llava_and_their_mores_as_tuner_files(tmp_path):
+    """tinyllava:<dir> (CLIP + Llama, LLaVA-Steering MoReS) → python -m factory.export → transformers' Llava with
+    factory.hf.attach: the same logits and greedy tokens as the imported model (their position rule travels in the
+    tuner settings)."""
+    from factory.export import export
+    from factory.hf import attach
+    from test_interop_hf import compare as compare_hf, load_export
+
+    direct, rotations = direct_model("clip_llama")
+    folder = write_tinyllava(tmp_path / "ckpt", direct, rotations)
+    result = export(f"tinyllava:{folder}", str(tmp_path / "out"))
+    assert result["tuner"] == "mores" and result["vision_feature_select_strategy"] == "default"
+    assert sorted(result["tuner_files"]) == ["factory_tuner.json", "factory_tuner.safetensors"]
+    settings = json.loads((tmp_path / "out" / "factory_tuner.json").read_text())
+    assert (settings["options"]["positions_rule"], settings["options"]["positions_offset"]) == ("llava_steering", 1)
+    ours = factory.load_checkpoint(f"tinyllava:{folder}")
+    hf, _ = load_export(tmp_path / "out", backend="pil")
+    handle = attach(hf, tmp_path / "out")
+    delta, our_tokens, hf_tokens = compare_hf(ours, hf, [image(6), image(7, (20, 30))])
+    print(f"\ntinyllava clip_llama MoReS export + attach: max |dlogit| = {delta}, greedy {our_tokens}")
+    assert delta == 0.0 and our_tokens == hf_tokens
+    handle.detach()
+
+
+def test_phi_export_is_refused_for_its_lm_head_bias(tmp_path):
+    from factory.export import export
+
+    direct, rotations = direct_model("siglip_phi")
+    folder = write_tinyllava(tmp_path / "ckpt", direct, rotations)
+    with pytest.raises(FactoryError, match=r"lm_head has a non-zero bias"):
+        export(f"tinyllava:{folder}", str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
