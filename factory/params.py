@@ -48,6 +48,9 @@ PAPER_TP: Dict[str, Dict[str, Optional[int]]] = {
     "mores_l": {"llava_3b": 327_744, "llava_7b": None, "llava_13b": None},
     "mores_h": {"llava_3b": 655_488, "llava_7b": None, "llava_13b": None},
     "lora": {"llava_3b": 188_743_680, "llava_7b": 319_815_680, "llava_13b": 500_695_040},
+    # QLoRA: no TP* is published; by the paper's convention (trainable LLM parameters only) it is its LoRA
+    # weights, LoRA's count above, which tests/test_params.py checks.
+    "qlora": {"llava_3b": None, "llava_7b": None, "llava_13b": None},
     "ia3": {"llava_3b": 491_520, "llava_7b": 614_400, "llava_13b": 962_560},
     "adapter": {"llava_3b": 83_886_080, "llava_7b": 201_326_592, "llava_13b": 314_572_800},
     "oft": {"llava_3b": 39_321_600, "llava_7b": 100_663_296, "llava_13b": 196_608_000},
@@ -122,6 +125,9 @@ _DOC_TAIL = """
 Notes
 - MoReS: d(2D+1) per steered layer (R: D×d householder reflectors, W: d×D, b: d); mores_l d=2, mores_h d=4.
 - LoRA r=128, α=256 on every linear of the LLM (attention q/k/v/out, all MLP projections; not lm_head).
+- QLoRA: the same LoRA on a frozen 4-bit NF4 base (bitsandbytes Linear4bit in every decoder-layer linear).
+  The paper publishes no QLoRA TP*; by its convention (trainable LLM parameters only) TP* is the LoRA weights,
+  which quantization does not change, so the count equals LoRA's (on the meta device nothing is quantized).
 - IA3 on k, v and the FFN down projection (fc2 / down_proj, scaled on its FFN-wide input).
 - Adapter: bottleneck 256, series, on the hidden-size side of each MLP projection (Phi 2, Llama 3 per layer).
 - OFT (q, k, v, 16 blocks): the paper's numbers are 3·D²/16 per layer, peft 0.10's storage of every block as a dense

@@ -31,6 +31,13 @@ def test_oft_count_is_peft_storage(model, layers, hidden):
     assert PAPER_TP["oft"][model] == layers * 3 * 16 * block * block
 
 
+
+@pytest.mark.parametrize("model", ["llava_3b", "llava_7b", "llava_13b"])
+def test_qlora_tp_is_loras(model):
+    """QLoRA trains the same LoRA weights as tuner=lora (its 4-bit base is frozen): the paper's LoRA TP*."""
+    result = count([f"model={model}", "tuner=qlora"])
+    assert result["trainable_llm"] == result["peft_trainable"] == PAPER_TP["lora"][model]
+
 def test_full_and_frozen_3b():
     full = count(["model=llava_3b", "tuner=full"])
     assert full["trainable_llm"] == 2_779_683_840  # Phi-2
