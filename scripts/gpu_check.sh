@@ -12,7 +12,9 @@
 #
 # Sections (each under its own time limit, all under one overall deadline, a failing one does not stop the rest):
 #   env       wheels installed into /tmp/site (skipped when the packages import), nvidia-smi, versions
-#   pytest    pytest -m gpu tests/test_gpu.py
+#   pytest    pytest -m gpu tests/test_gpu.py, then tests/test_qlora.py (tuner=qlora on CUDA; skipped when
+#             bitsandbytes is missing: add its wheel to .whl/, `pip download --no-deps --only-binary=:all:
+#             --platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2`, a py3-none wheel)
 #   bench3b   scripts/bench_throughput.py llava_3b batch 8 seq 800: frozen, mores, lora, full + HF baselines
 #   train     20 steps of `train.py model=llava_3b init=random tuner=mores` (ZeRO-2, bf16) on synthetic LLaVA data
 #   bench13b  llava_13b MoReS micro-batch 4 seq 2048 (peak memory: fits 80 GB or not), then the same with
@@ -101,7 +103,7 @@ if wants env; then
   fi
   missing="$($PY -c '
 import importlib.util as u
-print(" ".join(m for m in ("deepspeed", "hydra", "omegaconf", "open_clip", "wandb", "pytest") if u.find_spec(m) is None))')"
+print(" ".join(m for m in ("deepspeed", "hydra", "omegaconf", "open_clip", "wandb", "pytest", "bitsandbytes") if u.find_spec(m) is None))')"
   [ -n "$missing" ] && log "env: STILL MISSING: $missing (the sections that need them will fail; see the header of this script)"
   { nvidia-smi 2>&1 || true; } > "$RES/nvidia-smi.txt"
   # the JSON goes to a file, not stdout: importing deepspeed prints a line on stdout
@@ -129,6 +131,7 @@ fi
 if wants pytest; then
   # only the file that holds the gpu tests: one test module failing to import elsewhere must not stop collection
   run pytest_gpu 150 $PY -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_gpu.py --junitxml="$RES/pytest_gpu.xml"
+  run pytest_qlora 60 $PY -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_qlora.py --junitxml="$RES/pytest_qlora.xml"
 fi
 
 # ---------------------------------------------------------------------------------------------------- llava_3b bench
@@ -193,10 +196,11 @@ out = ["# GPU check", "", "## status", "```", (res / "status.txt").read_text().s
 env = load("env.json")
 if env:
     out += ["", "## environment", "```", json.dumps(env, indent=1), "```"]
-log = res / "pytest_gpu.log"
-if log.exists():
-    lines = [l for l in log.read_text().splitlines() if l.strip()]
-    out += ["", "## pytest -m gpu", "```", *lines[-15:], "```"]
+for name, title in (("pytest_gpu", "pytest -m gpu"), ("pytest_qlora", "pytest -m gpu tests/test_qlora.py")):
+    log = res / f"{name}.log"
+    if log.exists():
+        lines = [l for l in log.read_text().splitlines() if l.strip()]
+        out += ["", f"## {title}", "```", *lines[-15:], "```"]
 for name, title in (("bench_3b.json", "llava_3b, batch 8, seq 800"), ("bench_13b.json", "llava_13b MoReS, micro-batch 4, seq 2048"),
                     ("bench_13b_gc.json", "llava_13b MoReS, micro-batch 4, seq 2048, gradient checkpointing")):
     data = load(name)
