@@ -197,7 +197,7 @@ def test_stage_plan_accepts_exactly_the_tune_types_apply_tuning_supports():
 
 
 def test_stage_presets_equal_the_stage_yaml():
-    """apply_tuning's default tune (the instruct preset) is the same as configs/stage, the source of truth."""
+    """The presets apply_tuning defaults to are read from configs/stage/all.yaml and equal what a composed run uses."""
     from factory.config import compose
     from factory.stages import tune_for_stage
 

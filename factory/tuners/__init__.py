@@ -25,7 +25,7 @@ from factory.tuners.adapter import BottleneckAdapter  # re-created on HF models 
 from factory.tuners.arch import llm_arch
 from factory.tuners.base import Tuner
 from factory.tuners.mores import MoReS  # re-created on HF models by factory.hf
-from factory.tuners.tune_types import STAGE_TUNE, TUNE_TYPES, check_tune
+from factory.tuners.tune_types import STAGES, TUNE_TYPES, check_tune, stage_tune
 from factory.tuners.vision_lora import VisionLoraOptions, add_vision_lora, vision_lora_options
 
 TUNER_MODULES: List[str] = [f"{__name__}.{info.name}" for info in pkgutil.iter_modules(__path__)]
@@ -53,7 +53,7 @@ def tune_types() -> Dict[str, tuple]:
 
 def stage_presets() -> Dict[str, Dict[str, str]]:
     """{stage: tune} of the two stages' defaults (the values of configs/stage)."""
-    return {stage: dict(tune) for stage, tune in STAGE_TUNE.items()}
+    return {stage: stage_tune(stage) for stage in STAGES}
 
 
 def all_frozen() -> Dict[str, str]:
@@ -106,7 +106,7 @@ def tuning_report(model: nn.Module) -> Dict[str, int]:
 def apply_tuning(model: nn.Module, tuner_cfg: Any, tune: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
     """Freeze everything, then train each component per `tune` (default: the instruct stage). Returns the report
     {tuner, tune, trainable_llm (TP*), trainable_connector, trainable_vision, trainable_total, total}."""
-    tune = check_tune(tune if tune is not None else STAGE_TUNE["instruct"])
+    tune = check_tune(tune if tune is not None else stage_tune("instruct"))
     plain = _plain(tuner_cfg)
     tuner = build_tuner(plain)
     vision_lora: VisionLoraOptions = vision_lora_options(plain.get("vision_lora") or {}, tuner.name)
@@ -149,5 +149,5 @@ def merge_for_export(model: nn.Module) -> nn.Module:
 
 __all__ = ["BottleneckAdapter", "MoReS", "llm_arch", "all_frozen", "apply_tuning", "build_tuner", "check_tune",
            "count_parameters", "merge_for_export",
-           "stage_presets", "tune_types", "tuner_names", "tuning_report", "validate_tuner_options", "STAGE_TUNE",
+           "stage_presets", "tune_types", "tuner_names", "tuning_report", "validate_tuner_options",
            "TUNER_MODULES"]

@@ -7,8 +7,12 @@ apply_tuning freezes the whole model first, then each component is made trainabl
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any, Dict, Mapping
 
+from omegaconf import OmegaConf
+
+from factory.config import CONFIG_DIR
 from factory.errors import FactoryError
 
 TUNE_TYPES = {
@@ -17,12 +21,20 @@ TUNE_TYPES = {
     "llm": ("frozen", "full", "tuner"),
 }
 
-# The stage presets of configs/stage (stage 1 trains the connector only, stage 2 adds the tuner): the default of
-# apply_tuning when no `tune` is given. tests/test_tuners.py checks they equal the YAML.
-STAGE_TUNE = {
-    "pretrain": {"vision": "frozen", "connector": "full", "llm": "frozen"},
-    "instruct": {"vision": "frozen", "connector": "full", "llm": "tuner"},
-}
+STAGES = ("pretrain", "instruct")
+
+
+@lru_cache(maxsize=1)
+def _stage_tune() -> Dict[str, Dict[str, str]]:
+    # Read from the stage YAML itself (configs/stage/all.yaml: stage 1 trains the connector only, stage 2 adds the
+    # tuner), so the defaults of apply_tuning can never drift from what train.py runs.
+    stage = OmegaConf.load(CONFIG_DIR / "stage" / "all.yaml")
+    return {name: check_tune(stage[name].tune, where=f"configs/stage/all.yaml: {name}.tune") for name in STAGES}
+
+
+def stage_tune(stage: str) -> Dict[str, str]:
+    """The `tune` preset of `stage` (pretrain | instruct) as configs/stage/all.yaml writes it."""
+    return dict(_stage_tune()[stage])
 
 
 def check_tune(tune: Mapping[str, Any], where: str = "stage.<stage>.tune") -> Dict[str, str]:
