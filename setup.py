@@ -30,4 +30,7 @@ setup(
     python_requires=">=3.10",
     install_requires=requirements,
     extras_require={"test": ["pytest"]},
+    # `python -m lmms_eval --model factory --model_args pretrained=<run>/<stage>`: lmms-eval reads this group
+    # (its registry_v2) and gets the manifest of FactoryLMMS (factory/harness/lmms_eval_model.py)
+    entry_points={"lmms_eval.models": ["factory = factory.harness.lmms_eval_model:lmms_eval_manifest"]},
 )

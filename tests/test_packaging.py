@@ -101,3 +101,13 @@ def test_installed_transformers_is_in_the_pinned_range():
     requirement = Requirement(line.split("#")[0].strip())
     assert requirement.specifier.contains(Version(transformers.__version__)), (transformers.__version__, line)
     assert not requirement.specifier.contains(Version("6.0")) and not requirement.specifier.contains(Version("5.40"))
+
+
+def test_the_wheel_declares_the_lmms_eval_model(installed):
+    """`python -m lmms_eval --model factory`: lmms-eval finds the model through the `lmms_eval.models` entry point of
+    the installed package (setup.py), which names the manifest of FactoryLMMS."""
+    python, elsewhere, env, _ = installed
+    code = ("from importlib.metadata import entry_points\n"
+            "print([e.value for e in entry_points(group='lmms_eval.models') if e.name == 'factory'])\n")
+    out = run([python, "-c", code], elsewhere, env)
+    assert out.strip().splitlines()[-1] == "['factory.harness.lmms_eval_model:lmms_eval_manifest']"
