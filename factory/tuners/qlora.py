@@ -65,8 +65,8 @@ def import_bitsandbytes() -> Any:
     except Exception as err:  # ImportError, or a broken native library raising at import time
         raise FactoryError(
             f"tuner=qlora needs bitsandbytes (4-bit NF4 layers), which cannot be imported here: {type(err).__name__}: "
-            f"{err}. Install it with `pip install 'bitsandbytes>=0.48'` (its wheels run on CUDA GPUs and on x86-64 "
-            "CPUs), or pick tuner=lora, the same adapters on a 16-bit base."
+            f"{err}. Install it with `pip install 'bitsandbytes>=0.48,<0.51'` (as requirements.txt does; its wheels "
+            "run on CUDA GPUs and on x86-64 CPUs), or pick tuner=lora, the same adapters on a 16-bit base."
         ) from None
     return bitsandbytes
 
@@ -105,9 +105,9 @@ def quantize_llm(llm: nn.Module, opts: QLoraOptions, bnb: Any) -> List[str]:
                 setattr(parent, leaf, quantize_linear(bnb, child, opts, device))
             except (RuntimeError, NotImplementedError, ValueError, AssertionError) as err:
                 raise FactoryError(
-                    f"bitsandbytes could not quantize layer {index} `{name}` to 4 bits on {device} ({type(err).__name__}: "
-                    f"{err}). bitsandbytes 4-bit layers run on CUDA GPUs and x86-64 CPUs; on another device pick "
-                    "tuner=lora."
+                    f"bitsandbytes could not quantize layer {index} `{name}` to 4 bits on {device} "
+                    f"({type(err).__name__}: {err}). bitsandbytes 4-bit layers run on CUDA GPUs and x86-64 CPUs; "
+                    "on another device pick tuner=lora."
                 ) from None
             done.append(f"{index}.{name}")
     return done
