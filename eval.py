@@ -8,7 +8,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from factory.command_line import HydraApp, exit_on_unknown_overrides
+from factory.command_line import HydraApp, comma_lists, exit_on_unknown_overrides
 from factory.config import register_resolvers
 
 APP = HydraApp()
@@ -26,5 +26,6 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     register_resolvers()
+    sys.argv[1:] = comma_lists(sys.argv[1:])  # tasks=mmlu,hellaswag is a list, not a Hydra sweep
     exit_on_unknown_overrides(sys.argv[1:], "eval", "eval.py", "e.g. checkpoint=runs/x/instruct benchmark=pope")
     APP.run(main)

@@ -35,6 +35,25 @@ class HydraApp:
             raise
 
 
+LIST_KEYS = ("tasks",)  # keys whose value is a list of names (eval.py harness=lm_eval tasks=mmlu,hellaswag)
+
+
+def comma_lists(argv: Iterable[str], keys: Iterable[str] = LIST_KEYS) -> List[str]:
+    """`tasks=mmlu,hellaswag` → `tasks=[mmlu,hellaswag]`. Hydra reads an unbracketed comma list as a sweep and refuses
+    it without --multirun ("Ambiguous value"); lm-eval users write task lists that way, so a list key takes it as a
+    list. Bracketed or quoted values and multirun command lines (where a sweep is meant) are left as they are."""
+    argv = list(argv)
+    if any(arg in ("-m", "--multirun") for arg in argv):
+        return argv
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key in keys and "," in value and value[:1] not in "[('\"":
+            arg = f"{key}=[{value}]"
+        out.append(arg)
+    return out
+
+
 def exit_on_unknown_overrides(argv: Iterable[str], config_name: str, command: str, usage: str) -> None:
     """`check_overrides` for an app's real command line: one message and exit 2 on a bad argument."""
     try:
@@ -91,7 +110,7 @@ def check_overrides(argv: Iterable[str], config_name: str, command: str, usage: 
 
 def compose_app(argv: Iterable[str], config_name: str, command: str, usage: str) -> DictConfig:
     """The config `python <command> <argv>` runs with (checked arguments, Hydra composition, no job run)."""
-    argv = list(argv)
+    argv = comma_lists(argv)
     check_overrides(argv, config_name, command, usage)
     return compose(argv, config_name=config_name)
 

@@ -191,6 +191,8 @@ def test_a_rerun_never_writes_over_results(runs, capsys):
 def test_eval_py_composes_the_harness_group_and_checks_its_settings(tmp_path, capsys):
     cfg = load_config(["checkpoint=x", "harness=lm_eval", "tasks=[mmlu,hellaswag]", "num_fewshot=5", "limit=10"])
     assert cfg.harness.name == "lm_eval" and list(cfg.tasks) == ["mmlu", "hellaswag"]
+    # The spelling: a comma list is a list of tasks, not a Hydra sweep (which would be refused)
+    assert list(load_config(["checkpoint=x", "harness=lm_eval", "tasks=mmlu,hellaswag"]).tasks) == ["mmlu", "hellaswag"]
     assert (cfg.num_fewshot, cfg.limit, cfg.compare_base) == (5, 10, False)
     assert OmegaConf.select(load_config(["checkpoint=x"]), "harness") is None  # a benchmark run by default
     assert main(["checkpoint=x", "harness=lm_eval"]) == 2
@@ -208,3 +210,12 @@ def test_retention_table_divides_tuned_by_base():
     assert rows["a"]["retention_pct"] == pytest.approx(80.0)
     assert rows["b"]["retention_pct"] is None  # nothing to keep
     assert rows["c"]["retention_pct"] == pytest.approx(50.0)  # lower is better: base / tuned
+
+
+def test_comma_lists_turns_only_unbracketed_list_keys_into_lists_and_leaves_sweeps_alone():
+    from factory.command_line import comma_lists
+
+    assert comma_lists(["tasks=a,b", "limit=3"]) == ["tasks=[a,b]", "limit=3"]
+    assert comma_lists(["tasks=[a,b]", "tasks='a,b'", "tasks=a"]) == ["tasks=[a,b]", "tasks='a,b'", "tasks=a"]
+    assert comma_lists(["-m", "tasks=a,b"]) == ["-m", "tasks=a,b"]  # under multirun a comma list is a sweep
+    assert comma_lists(["tuner=mores,lora"]) == ["tuner=mores,lora"]  # other keys keep Hydra's meaning

@@ -1,4 +1,4 @@
-"""`python eval.py checkpoint=<run>/instruct harness=lm_eval tasks=[mmlu,hellaswag] [limit=N] [compare_base=true]`.
+"""`python eval.py checkpoint=<run>/instruct harness=lm_eval tasks=mmlu,hellaswag [limit=N] [compare_base=true]`.
 
 Runs EleutherAI's lm-evaluation-harness (`lm_eval.simple_evaluate`) on the checkpoint's language model as its tuner
 leaves it for text-only input (factory/harness/lm_eval_model.py), writes the harness's results JSON and, with
@@ -46,7 +46,7 @@ def options(cfg: DictConfig) -> Dict[str, Any]:
     tasks = cfg.get("tasks")
     if tasks is None or (isinstance(tasks, str) and not tasks.strip()):
         raise FactoryError("harness=lm_eval needs tasks=<lm-eval task names>, e.g. tasks=mmlu, "
-                           "tasks=[mmlu,hellaswag] (Hydra's list syntax) or tasks=microworld_knowledge (offline).")
+                           "tasks=mmlu,hellaswag or tasks=microworld_knowledge (offline).")
     if not isinstance(tasks, str):
         tasks = [str(t) for t in tasks]
     few = cfg.get("num_fewshot")
