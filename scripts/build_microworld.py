@@ -1,6 +1,7 @@
 """Rebuild the pretrained micro-world bases in factory/assets/microworld/ (deterministic, a few CPU minutes).
 
     python scripts/build_microworld.py [--out factory/assets/microworld] [--seed 0]
+    python scripts/build_microworld.py --check     (measure the bases in --out: scripts/microworld_check.py)
 
 1. tokenizer/ – byte-level BPE trained with `tokenizers` on micro-world text and the chat-template words;
 2. vision/    – the vision tower of a tiny CLIPModel trained contrastively (CLIPModel's own loss) on images vs
@@ -178,7 +179,14 @@ def main(argv=None) -> int:
     parser.add_argument("--train-images", type=int, default=2000, help="size of the world the bases learn from")
     # Results are bit-reproducible for a fixed thread count (float reductions are ordered per thread layout).
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--check", action="store_true",
+                        help="build nothing: measure the bases in --out (scripts/microworld_check.py) and print them")
     args = parser.parse_args(argv)
+    if args.check:
+        from microworld_check import check  # beside this script
+
+        print(json.dumps(check(Path(args.out))))
+        return 0
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:

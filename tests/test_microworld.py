@@ -1,6 +1,7 @@
 """The micro-world generator (determinism, balance, held-out split, caching) and the committed pretrained bases."""
 import hashlib
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -323,3 +324,27 @@ def test_build_script_runs_end_to_end_on_a_reduced_setting(tmp_path):
     assert CLIPVisionModel.from_pretrained(out / "vision").config.patch_size == 8
     for arch in ("phi", "llama"):
         assert AutoModelForCausalLM.from_pretrained(out / arch).config.vocab_size == report["tokenizer"]["vocab_size"]
+
+
+def test_check_measures_the_shipped_bases(capsys):
+    """`python scripts/build_microworld.py --check`: one JSON line with the reading figures of both LMs and the probe.
+    Without the caption every type stays at chance (the questions are answer-balanced); with it, count is read."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_microworld", REPO / "scripts" / "build_microworld.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        spec.loader.exec_module(module)
+        assert module.main(["--check"]) == 0
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["questions"] == 500 and set(report["lm_caption_accuracy"]) == {"phi", "llama"}
+    for arch in ("phi", "llama"):
+        no_caption = report["lm_no_caption_accuracy"][arch]
+        assert all(abs(no_caption[t] - report["chance"][t]) <= 3 for t in QUESTION_TYPES), no_caption
+        # measured for the bases shipped now: count 100 / 98 with the caption, every other type at chance
+        assert report["lm_caption_accuracy"][arch]["count"] >= 90
+    probe = report["vision_probe_accuracy"]  # measured: colour 100.0, shape 97.7, empty 99.9
+    assert probe["color"] >= 98 and probe["shape"] >= 95 and probe["empty"] >= 98

@@ -5,7 +5,8 @@ no (colour, shape) pair twice in a scene). From the scenes we write, in LLaVA-1.
 
 * ``pretrain.json`` – one caption per training image (stage 1),
 * ``instruct.json`` – 2–4 question/answer turns per training image (stage 2),
-* ``eval.json``     – one question per *held-out* image, with ``question_type`` and the gold ``answer``.
+* ``eval.json``     – one question per *held-out* image, with ``question_type``, the gold ``answer`` and the
+  scene's ``caption`` (for text-only checks).
 
 Answers are one or two words from a closed vocabulary (``ANSWERS``). Every question template is answer-balanced on
 the eval split, so a model that ignores the image cannot beat the per-type chance level (``chance_level``); the
@@ -29,7 +30,7 @@ from factory.errors import FactoryError
 from factory.model.loading import node_get
 
 # Bump when the generated content changes, so cached worlds are regenerated.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 COLORS: Dict[str, Tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -223,7 +224,10 @@ def generate_microworld(root, seed: int = 0, num_train_images: int = DEFAULT_SIZ
         name = f"eval_{n:05d}.png"
         _render(scene, image_size, eval_rng).save(images / name)
         evaluation.append({"id": f"mw-eval-{n:05d}", "image": name, "conversations": _conversation([qa]),
-                           "question_type": qtype, "template": key, "answer": qa[1]})
+                           "question_type": qtype, "template": key, "answer": qa[1],
+                           # the scene written out, for text-only checks (an LM reading the scene in place of the
+                           # image: scripts/microworld_check.py); never shown to a model that is evaluated on images
+                           "caption": caption(scene)})
 
     for fname, data in (("pretrain.json", pretrain), ("instruct.json", instruct), ("eval.json", evaluation)):
         (root / fname).write_text(json.dumps(data, indent=1) + "\n")
