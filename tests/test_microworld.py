@@ -348,3 +348,47 @@ def test_check_measures_the_shipped_bases(capsys):
         assert report["lm_caption_accuracy"][arch]["count"] >= 90
     probe = report["vision_probe_accuracy"]  # measured: colour 100.0, shape 97.7, empty 99.9
     assert probe["color"] >= 98 and probe["shape"] >= 95 and probe["empty"] >= 98
+
+
+def test_lm_reading_bench_trains_on_streamed_text_and_reports_both_readings(tmp_path, capsys):
+    """scripts/microworld_lm_reading.py: a few steps of a tiny LM on generated conversations (the chat template's
+    own ids and answer-only labels), saved where --out says and measured with and without the caption."""
+    import importlib.util
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        spec = importlib.util.spec_from_file_location("microworld_lm_reading",
+                                                      REPO / "scripts" / "microworld_lm_reading.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        assert module.main(["--out", str(tmp_path / "lm"), "--arch", "llama", "--width", "16", "--layers", "1",
+                            "--heads", "2", "--steps", "4", "--batch", "4", "--eval-every", "2",
+                            "--eval-questions", "10"]) == 0
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines() if line.startswith("{")]
+    report = lines[-1]
+    assert report["steps"] == 4 and [h["step"] for h in report["history"]] == [2]
+    assert set(report["lm_no_caption_accuracy"]) == set(QUESTION_TYPES) | {"all"}
+    assert (tmp_path / "lm" / "config.json").is_file() and (tmp_path / "lm" / "tokenizer.json").is_file()
+
+
+def test_lm_reading_conversations_put_the_caption_before_the_first_question_only():
+    import importlib.util
+    import random
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        spec = importlib.util.spec_from_file_location("microworld_lm_reading",
+                                                      REPO / "scripts" / "microworld_lm_reading.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    args = SimpleNamespace(min_objects=1, no_caption=0.0, copy=1.0, turns=3)
+    conv = module.conversation(random.Random(0), args)
+    humans = [t["value"] for t in conv if t["from"] == "human"]
+    assert len(humans) == 4 and humans[0].endswith("\n" + module.COPY_PROMPT)
+    assert conv[1]["value"] == humans[0].split("\n")[0]  # the copy turn answers with the caption itself
+    assert all("\n" not in h for h in humans[1:])
