@@ -183,7 +183,8 @@ def main(argv=None) -> int:
                         help="build nothing: measure the bases in --out (scripts/microworld_check.py) and print them")
     args = parser.parse_args(argv)
     if args.check:
-        from microworld_check import check  # beside this script
+        sys.path.insert(0, str(Path(__file__).resolve().parent))  # microworld_check.py sits beside this script
+        from microworld_check import check
 
         print(json.dumps(check(Path(args.out))))
         return 0

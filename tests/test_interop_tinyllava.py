@@ -28,7 +28,8 @@ from factory.testing import tiny_config
 from factory.tuners import apply_tuning
 
 FAMILIES = {"siglip_phi": ("phi", "hf_siglip"), "clip_llama": ("llama", "hf_clip")}
-QUESTIONS = ["What is in the image?", "How many shapes are there? Answer with one word."]
+# the same two prompts, left-padded as generation sees them, as the HF Llava tests (tests import each other directly)
+from test_interop_hf import QUESTIONS, prompt_batch  # noqa: E402
 POSITIONS = "f4+l5"
 
 
@@ -100,18 +101,6 @@ def write_tinyllava(folder, model, rotations=None, strategy="patch", aspect="pad
         pos.update(mores_pos or {})
         (root / "mores_pos_configs.json").write_text(json.dumps(pos))
     return folder
-
-
-def prompt_batch(model, images):
-    template = get_template(model.template)
-    rows = [template.encode_prompt([{"from": "human", "value": "<image>\n" + q}], model.tokenizer,
-                                   model.image_token_count) for q in QUESTIONS]
-    width = max(len(r) for r in rows)
-    pad = model.tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    pixels = torch.stack([model.vision.image_transform(i) for i in images])
-    return input_ids, mask, pixels
 
 
 def compare(a, b, images):

@@ -326,19 +326,24 @@ def test_build_script_runs_end_to_end_on_a_reduced_setting(tmp_path):
         assert AutoModelForCausalLM.from_pretrained(out / arch).config.vocab_size == report["tokenizer"]["vocab_size"]
 
 
-def test_check_measures_the_shipped_bases(capsys):
-    """`python scripts/build_microworld.py --check`: one JSON line with the reading figures of both LMs and the probe.
-    Without the caption every type stays at chance (the questions are answer-balanced); with it, count is read."""
+def load_script(name: str):
+    """scripts/<name>.py as a module (the scripts import their siblings, so scripts/ is on the path meanwhile)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("build_microworld", REPO / "scripts" / "build_microworld.py")
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(REPO / "scripts"))
     try:
         spec.loader.exec_module(module)
-        assert module.main(["--check"]) == 0
     finally:
         sys.path.remove(str(REPO / "scripts"))
+    return module
+
+
+def test_check_measures_the_shipped_bases(capsys):
+    """`python scripts/build_microworld.py --check`: one JSON line with the reading figures of both LMs and the probe.
+    Without the caption every type stays at chance (the questions are answer-balanced); with it, count is read."""
+    assert load_script("build_microworld").main(["--check"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["questions"] == 500 and set(report["lm_caption_accuracy"]) == {"phi", "llama"}
     for arch in ("phi", "llama"):
@@ -353,19 +358,10 @@ def test_check_measures_the_shipped_bases(capsys):
 def test_lm_reading_bench_trains_on_streamed_text_and_reports_both_readings(tmp_path, capsys):
     """scripts/microworld_lm_reading.py: a few steps of a tiny LM on generated conversations (the chat template's
     own ids and answer-only labels), saved where --out says and measured with and without the caption."""
-    import importlib.util
-
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        spec = importlib.util.spec_from_file_location("microworld_lm_reading",
-                                                      REPO / "scripts" / "microworld_lm_reading.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        assert module.main(["--out", str(tmp_path / "lm"), "--arch", "llama", "--width", "16", "--layers", "1",
-                            "--heads", "2", "--steps", "4", "--batch", "4", "--eval-every", "2",
-                            "--eval-questions", "10"]) == 0
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
+    module = load_script("microworld_lm_reading")
+    assert module.main(["--out", str(tmp_path / "lm"), "--arch", "llama", "--width", "16", "--layers", "1",
+                        "--heads", "2", "--steps", "4", "--batch", "4", "--eval-every", "2",
+                        "--eval-questions", "10"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines() if line.startswith("{")]
     report = lines[-1]
     assert report["steps"] == 4 and [h["step"] for h in report["history"]] == [2]
@@ -374,18 +370,10 @@ def test_lm_reading_bench_trains_on_streamed_text_and_reports_both_readings(tmp_
 
 
 def test_lm_reading_conversations_put_the_caption_before_the_first_question_only():
-    import importlib.util
     import random
     from types import SimpleNamespace
 
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        spec = importlib.util.spec_from_file_location("microworld_lm_reading",
-                                                      REPO / "scripts" / "microworld_lm_reading.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
+    module = load_script("microworld_lm_reading")
     args = SimpleNamespace(min_objects=1, no_caption=0.0, copy=1.0, turns=3)
     conv = module.conversation(random.Random(0), args)
     humans = [t["value"] for t in conv if t["from"] == "human"]
