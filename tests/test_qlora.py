@@ -20,6 +20,7 @@ from factory.errors import FactoryError
 from factory.testing import tiny_model
 from factory.tuners import apply_tuning, validate_tuner_options
 from test_mores import make_batch  # not tests.test_mores: an installed package may own the name `tests`
+from test_tuners import _train
 from train_support import make_small_world, read_metrics, train_cfg
 
 bnb = pytest.importorskip("bitsandbytes")  # in requirements.txt; a machine without it still checks the error below
@@ -30,19 +31,6 @@ STAGE2 = {"vision": "frozen", "connector": "full", "llm": "tuner"}
 def quantized_layers(model):
     return [m for m in model.llm.modules() if isinstance(m, bnb.nn.Linear4bit)]
 
-
-
-def train_steps(model, ids, mask, pixels, labels, steps=8):
-    """AdamW steps on the trainable parameters; the loss of each step."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    losses = []
-    for _ in range(steps):
-        loss = model(ids, mask, pixels, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
 
 def test_the_preset_is_the_papers_lora_on_nf4():
     from factory.config import compose
@@ -90,7 +78,7 @@ def test_training_steps_lower_the_loss_and_train_only_lora_and_the_connector():
     apply_tuning(model, {"name": "qlora", "r": 8, "alpha": 16, "dropout": 0.0}, tune=STAGE2)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     ids, mask, pixels, labels = make_batch(model)
-    losses = train_steps(model, ids, mask, pixels, labels)
+    losses = _train(model, (ids, mask, pixels, labels), steps=8, lr=3e-3)
     assert losses[-1] < losses[0] - 0.3, losses
     after = model.state_dict()
     changed = {k for k, v in before.items() if not torch.equal(v, after[k])}
@@ -155,7 +143,7 @@ def test_qlora_trains_on_cuda_and_reloads_identically():
     model = build(1)
     assert quantized_layers(model) and all(m.weight.device.type == "cuda" for m in quantized_layers(model))
     ids, mask, pixels, labels = (t.cuda() for t in make_batch(model))
-    losses = train_steps(model, ids, mask, pixels, labels)
+    losses = _train(model, (ids, mask, pixels, labels), steps=8, lr=3e-3)
     assert losses[-1] < losses[0] - 0.3, losses
     fresh = build(2)
     fresh.load_trainable_state_dict({k: v.clone() for k, v in model.trainable_state_dict().items()})

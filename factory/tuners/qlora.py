@@ -26,8 +26,8 @@ from torch import nn
 from factory.errors import FactoryError
 from factory.tuners.arch import llm_layers, module_device
 from factory.tuners.base import register_tuner
-from factory.tuners.options import in_range, one_of
-from factory.tuners.peft_tuners import LoraTuner, ModuleNames
+from factory.tuners.options import one_of
+from factory.tuners.peft_tuners import LoraOptions, LoraTuner
 
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -39,20 +39,14 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 @dataclass(frozen=True)
-class QLoraOptions:
-    r: int = 128
-    alpha: int = 256
-    dropout: float = 0.05
-    target_modules: ModuleNames = None
+class QLoraOptions(LoraOptions):  # LoRA's r, alpha, dropout and target_modules, plus the 4-bit settings
     quant_type: str = "nf4"        # nf4 (QLoRA's NormalFloat4) | fp4
     double_quant: bool = True      # quantize the per-block absmax constants too (QLoRA's double quantization)
     compute_dtype: str = "bf16"    # dtype of the 4-bit layers' matmuls: bf16 | fp16 | fp32
     blocksize: int = 64            # weights per quantization block
 
     def check(self, tuner: str) -> None:
-        in_range(tuner, "r", self.r, low=1)
-        in_range(tuner, "alpha", self.alpha, low=1)
-        in_range(tuner, "dropout", self.dropout, low=0, high=1, high_open=True)
+        super().check(tuner)
         one_of(tuner, "quant_type", self.quant_type, ("nf4", "fp4"))
         one_of(tuner, "compute_dtype", self.compute_dtype, tuple(COMPUTE_DTYPES))
         one_of(tuner, "blocksize", str(self.blocksize), ("32", "64", "128", "256", "512", "1024", "2048", "4096"))
