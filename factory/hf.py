@@ -112,7 +112,8 @@ def _attach_mores(hf_model: nn.Module, lm: nn.Module, layers: nn.ModuleList, set
         attention_mask = kwargs.get("attention_mask")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        mores.observe_batch(image_mask=input_ids == image_token_id, attention_mask=attention_mask)
+        mores.observe_batch(image_mask=input_ids == image_token_id, attention_mask=attention_mask,
+                            labels=kwargs.get("labels"))
 
     handle.handles.append(hf_model.register_forward_pre_hook(observe, with_kwargs=True))
     handle.handles.append(_Removal(mores.detach))

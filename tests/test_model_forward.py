@@ -117,7 +117,7 @@ def test_observers_see_image_mask_then_all_false(model):
     seen = []
 
     class Observer:
-        def observe_batch(self, image_mask, attention_mask):
+        def observe_batch(self, image_mask, attention_mask, labels=None):
             seen.append((image_mask.clone(), attention_mask.clone()))
 
     model.batch_observers.append(Observer())

@@ -66,7 +66,8 @@ class LlavaModel(nn.Module):
         self.template = template
         self.config = config or {}
         self.image_token_count = int(vision.num_tokens)
-        # Objects with observe_batch(image_mask, attention_mask), called before every LLM call (MoReS positions).
+        # Objects with observe_batch(image_mask, attention_mask, labels), called before every LLM call (MoReS
+        # positions; labels is None outside training).
         self.batch_observers: List[Any] = []
 
     # ------------------------------------------------------------------ embedding
@@ -112,7 +113,7 @@ class LlavaModel(nn.Module):
         inputs_embeds = self.embed(input_ids, pixel_values)
         image_mask = input_ids == IMAGE_TOKEN_INDEX
         for observer in self.batch_observers:
-            observer.observe_batch(image_mask=image_mask, attention_mask=attention_mask)
+            observer.observe_batch(image_mask=image_mask, attention_mask=attention_mask, labels=labels)
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, input_ids.shape[1])
         out = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,

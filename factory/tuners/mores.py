@@ -43,16 +43,25 @@ from factory.tuners.options import in_range, one_of
 
 
 class MoReSIntervention(nn.Module):
-    """One layer's steering map h ↦ dropout(h + R(Wh + b − Rᵀh)), computed in fp32."""
+    """One layer's steering map h ↦ dropout(h + R(Wh + b − Rᵀh)), computed in fp32.
 
-    def __init__(self, hidden: int, rank: int, dropout: float = 0.0):
+    `rotation_seed`: draw the initial R from its own generator with this seed instead of torch's global one. A
+    frozen R (tuner.train_rotation=false) is drawn so: a checkpoint holds only trainable weights, and the rebuilt
+    model must find the same R again."""
+
+    def __init__(self, hidden: int, rank: int, dropout: float = 0.0, rotation_seed: Optional[int] = None):
         super().__init__()
         if not 1 <= rank <= hidden:
             raise FactoryError(f"tuner.rank={rank} must be between 1 and the LLM hidden size {hidden}.")
         # nn.Linear(d, D) stores a D×d weight: the columns of R. Orthogonally initialised, then constrained.
         self.rotate = nn.Linear(rank, hidden, bias=False, dtype=torch.float32)
-        if not self.rotate.weight.is_meta:
+        if not self.rotate.weight.is_meta and rotation_seed is None:
             nn.init.orthogonal_(self.rotate.weight)
+        elif not self.rotate.weight.is_meta:  # drawn on the CPU: the same R on every device
+            generator = torch.Generator().manual_seed(rotation_seed)
+            with torch.no_grad():
+                self.rotate.weight.copy_(nn.init.orthogonal_(torch.empty(self.rotate.weight.shape, device="cpu"),
+                                                             generator=generator))
         orthogonal(self.rotate, "weight", orthogonal_map="householder", use_trivialization=False)
         stored = self.rotate.parametrizations.weight.original
         with torch.no_grad():  # the parametrization stores a transposed [D, d] view (stride (1, D)): make it standard
@@ -127,12 +136,16 @@ def householder_columns(stored: torch.Tensor) -> torch.Tensor:
     return q * signs
 
 
+# Seed of the initial R of layer i when R is frozen: FROZEN_ROTATION_SEED + i (any fixed number would do).
+FROZEN_ROTATION_SEED = 20240801
+
+
 class MoReS(nn.Module):
     """Per-layer MoReS interventions plus the forward hooks that apply them at the observed positions."""
 
     def __init__(self, hidden: int, layer_ids: Sequence[int], rank: int = 1, positions: str = "f4+l5",
                  modality: str = "vision", dropout: float = 0.05, positions_rule: str = "image_span",
-                 positions_offset: int = 1):
+                 positions_offset: int = 1, train_rotation: bool = True):
         super().__init__()
         if modality not in ("vision", "text"):
             raise FactoryError(f"tuner.modality={modality!r} is not supported: use 'vision' (default) or 'text'.")
@@ -141,18 +154,23 @@ class MoReS(nn.Module):
         self.spec = parse_positions(positions)
         check_positions_rule(positions_rule, self.spec, modality)
         self.positions_rule, self.positions_offset = positions_rule, int(positions_offset)
-        self.interventions = nn.ModuleDict({str(i): MoReSIntervention(hidden, rank, dropout) for i in self.layer_ids})
+        self.train_rotation = bool(train_rotation)
+        self.interventions = nn.ModuleDict({
+            str(i): MoReSIntervention(hidden, rank, dropout, None if train_rotation else FROZEN_ROTATION_SEED + i)
+            for i in self.layer_ids})
         self.positions: Optional[torch.Tensor] = None  # [B, P] of the last observed batch, -1 = padding
         self._rows: Optional[tuple] = None  # (batch index [M], position [M]) of every steered token
         self._shape: Optional[tuple] = None
         self._handles: list = []
 
     # ---- batch observer (called by LlavaModel before the LLM runs) -------------------------------------------
-    def observe_batch(self, image_mask: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> None:
+    def observe_batch(self, image_mask: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                      labels: Optional[torch.Tensor] = None) -> None:
+        """Positions of the batch about to run (`labels` in training: modality=text skips the answer tokens)."""
         if self.positions_rule == "llava_steering":
             self.positions = select_positions_llava_steering(image_mask, self.spec, self.positions_offset)
         else:
-            self.positions = select_positions(image_mask, attention_mask, self.spec, self.modality)
+            self.positions = select_positions(image_mask, attention_mask, self.spec, self.modality, labels)
         valid = self.positions >= 0
         self._rows = (valid.nonzero(as_tuple=True)[0], self.positions[valid])
         self._shape = tuple(image_mask.shape)
@@ -196,7 +214,15 @@ class MoReS(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"rank={self.rank}, layers={self.layer_ids}, positions={self.positions_spec!r}, "
-                f"modality={self.modality!r}, positions_rule={self.positions_rule!r}")
+                f"modality={self.modality!r}, positions_rule={self.positions_rule!r}, "
+                f"train_rotation={self.train_rotation}")
+
+    def mark_trainable(self) -> None:
+        """Everything trains, except R when train_rotation is false (then W and b alone: d(D+1) per layer)."""
+        self.requires_grad_(True)
+        if not self.train_rotation:
+            for intervention in self.interventions.values():
+                intervention.rotate.requires_grad_(False)
 
 
 @dataclass(frozen=True)
@@ -208,6 +234,7 @@ class MoReSOptions:
     dropout: float = 0.05
     positions_rule: str = "image_span"             # image_span | llava_steering (mores_positions.POSITION_RULES)
     positions_offset: int = 1                      # llava_steering only: window start − image start
+    train_rotation: bool = True                    # false: R stays at its (seeded) initial value, W and b train
 
     def check(self, tuner: str) -> None:
         in_range(tuner, "rank", self.rank, low=1)
@@ -235,7 +262,7 @@ class MoReSTuner(Tuner):
         with torch.device(module_device(llm)):
             mores = MoReS(hidden_size(llm), ids, rank=opts.rank, positions=opts.positions, modality=opts.modality,
                           dropout=opts.dropout, positions_rule=opts.positions_rule,
-                          positions_offset=opts.positions_offset)
+                          positions_offset=opts.positions_offset, train_rotation=opts.train_rotation)
         llm.add_module("mores", mores)  # inside the LLM: its parameters are the LLM's TP*
         mores.attach(layers)
         observers = getattr(model, "batch_observers", None)
@@ -247,4 +274,4 @@ class MoReSTuner(Tuner):
         observers.append(mores)
 
     def mark_trainable(self, model: nn.Module) -> None:
-        model.llm.mores.requires_grad_(True)
+        model.llm.mores.mark_trainable()

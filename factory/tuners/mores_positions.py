@@ -12,7 +12,8 @@ Position specs (applied to one sample's candidate tokens, in sequence order):
                729 tokens is exactly f4+l5, and ratio=1.0 is every candidate)
   "all"        every candidate (= ratio=1.0)
 Candidates are the image tokens for modality=vision (a sample without an image has none: nothing is steered), and the
-attended non-image tokens for modality=text (the ablation; in training these include the answer tokens).
+text tokens of the prompt for modality=text (the ablation, `prompt_text_tokens`: attended non-image tokens that are
+not trained answer tokens, so training and generation steer the same kind of token).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from typing import List, Sequence, Union
 
 import torch
 
+from factory.constants import IGNORE_INDEX
 from factory.errors import FactoryError
 
 _FL = re.compile(r"^(?:f(\d+))?\+?(?:l(\d+))?$")
@@ -118,8 +120,24 @@ def parse_layers(spec: Union[str, int, Sequence[int], None], num_layers: int) ->
     return resolved
 
 
+def prompt_text_tokens(image_mask: torch.Tensor, attention_mask: torch.Tensor | None,
+                       labels: torch.Tensor | None = None) -> torch.Tensor:
+    """The text tokens of the prompt in this forward [B, T]: attended, not an image token and, when `labels` are
+    given (training), not a trained answer token; none in a decode step of cached generation (the attention mask is
+    longer than the input: every new token is generated). So modality=text steers the same tokens in training and
+    in generation: the non-image tokens before the answer."""
+    image_mask = image_mask.bool()
+    if attention_mask is not None and attention_mask.shape[1] != image_mask.shape[1]:
+        return torch.zeros_like(image_mask)
+    attended = attention_mask.bool() if attention_mask is not None else torch.ones_like(image_mask)
+    mask = attended & ~image_mask
+    if labels is not None:
+        mask &= labels == IGNORE_INDEX
+    return mask
+
+
 def select_positions(image_mask: torch.Tensor, attention_mask: torch.Tensor | None, spec: PositionSpec,
-                     modality: str = "vision") -> torch.Tensor:
+                     modality: str = "vision", labels: torch.Tensor | None = None) -> torch.Tensor:
     """Positions to steer per sample as a LongTensor [B, P], padded with -1 (P = max over the batch, may be 0).
 
     Runs on the masks' device without a Python loop over tokens: a cumulative count ranks every candidate within its
@@ -129,8 +147,7 @@ def select_positions(image_mask: torch.Tensor, attention_mask: torch.Tensor | No
     if modality == "vision":
         candidates = image_mask
     elif modality == "text":
-        attended = attention_mask.bool() if attention_mask is not None else torch.ones_like(image_mask)
-        candidates = attended & ~image_mask
+        candidates = prompt_text_tokens(image_mask, attention_mask, labels)
     else:
         raise FactoryError(f"tuner.modality={modality!r} is not supported: use 'vision' (default) or 'text'.")
     batch, length = candidates.shape
