@@ -22,9 +22,8 @@ import json
 import os
 import sys
 import tempfile
-from collections import Counter
 from pathlib import Path
-from typing import Dict, List
+from typing import List
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -37,47 +36,19 @@ sys.path.insert(0, str(REPO))
 
 from factory.data.microworld import (COLORS, POSITIONS, QUESTION_TYPES, SHAPES, chance_level,  # noqa: E402
                                      generate_microworld)
-from factory.data.templates import get_template  # noqa: E402
+from factory.eval import microworld_reading as reading  # noqa: E402
 
 LM_TEMPLATES = {"phi": "phi", "llama": "vicuna_v1"}  # asset folder → the chat template its LM was trained in
 EMPTY = "empty"
 
 
-def _per_type(hits: Counter, counts: Counter) -> Dict[str, float]:
-    out = {t: round(100 * hits[t] / counts[t], 1) for t in QUESTION_TYPES if counts[t]}
-    out["all"] = round(100 * sum(hits.values()) / max(1, sum(counts.values())), 1)
-    return out
-
-
-@torch.no_grad()
-def lm_reading(folder: Path, template: str, entries: List[dict], with_caption: bool, batch: int = 50) -> dict:
+def lm_reading(folder: Path, template: str, entries: List[dict], with_caption: bool) -> dict:
     """Greedy answers of the LM in `folder` to `entries` (eval.json rows), per question type (percent)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    chat = get_template(template)
-    prompts = []
-    for e in entries:
-        question = e["conversations"][0]["value"].replace("<image>\n", "").replace("<image>", "")
-        text = f"{e['caption']}\n{question}" if with_caption else question
-        prompts.append(chat.encode_prompt([{"from": "human", "value": text}], tok, 0))
-    hits, counts = Counter(), Counter()
-    for start in range(0, len(prompts), batch):
-        rows = prompts[start:start + batch]
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), tok.pad_token_id)
-        mask = torch.zeros_like(ids)
-        for r, row in enumerate(rows):  # left padding: every prompt ends where generation starts
-            ids[r, width - len(row):] = torch.tensor(row)
-            mask[r, width - len(row):] = 1
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        for r, row in enumerate(out[:, width:]):
-            e = entries[start + r]
-            counts[e["question_type"]] += 1
-            hits[e["question_type"]] += tok.decode(row, skip_special_tokens=True).strip() == e["answer"]
-    return _per_type(hits, counts)
+    result = reading.lm_reading(folder, AutoTokenizer.from_pretrained(folder), template,
+                                reading.reading_rows(entries, with_caption))
+    return reading.per_type_percent(result)
 
 
 def _cell_labels(entries: List[dict]) -> List[List[tuple]]:
@@ -132,6 +103,7 @@ def vision_probe(folder: Path, images: int) -> dict:
         data = {}
         for split, seed in (("train", 7), ("test", 8)):
             root = generate_microworld(Path(tmp) / split, seed=seed, num_train_images=images, num_eval_images=1,
+                                       num_pope_images=0,
                                        image_size=json.loads((folder / "config.json").read_text())["image_size"])
             entries = json.loads((root / "pretrain.json").read_text())
             data[split] = (_cell_features(folder, root, entries).flatten(0, 1),
@@ -149,7 +121,8 @@ def vision_probe(folder: Path, images: int) -> dict:
 
 def check(assets: Path, questions: int = 500, probe_images: int = 600) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        root = generate_microworld(Path(tmp) / "w", seed=0, num_train_images=1, num_eval_images=questions)
+        root = generate_microworld(Path(tmp) / "w", seed=0, num_train_images=1, num_eval_images=questions,
+                                   num_pope_images=0)
         entries = json.loads((root / "eval.json").read_text())
     report = {"questions": len(entries), "chance": {t: round(100 * chance_level(t), 1) for t in QUESTION_TYPES},
               "lm_caption_accuracy": {}, "lm_no_caption_accuracy": {}}

@@ -83,6 +83,8 @@ def test_eval_images_are_disjoint_from_training_images(world):
     train = {pixels(e["image"]) for e in _load(world, "pretrain")}
     evaluation = {pixels(e["image"]) for e in _load(world, "eval")}
     assert len(evaluation) == 70 and not train & evaluation
+    pope = {pixels(e["image"]) for e in _load(world, "pope")}
+    assert len(pope) == 100 and not train & pope and not evaluation & pope
     assert not {e["image"] for e in _load(world, "instruct")} & {e["image"] for e in _load(world, "eval")}
 
 
@@ -122,7 +124,7 @@ def test_data_config_resolves():
     for split in ("pretrain", "instruct", "eval"):
         assert cfg.data[split].json == f"data/microworld/{split}.json"
         assert cfg.data[split].image_folder == "data/microworld/images"
-    assert set(cfg.data.sizes) == {"num_train_images", "num_eval_images", "image_size"}
+    assert set(cfg.data.sizes) == {"num_train_images", "num_eval_images", "num_pope_images", "image_size"}
 
 
 # ---------------------------------------------------------------------------------------------- pretrained bases
@@ -316,7 +318,8 @@ def test_build_script_runs_end_to_end_on_a_reduced_setting(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     out = tmp_path / "bases"
-    assert module.main(["--out", str(out), "--train-images", "48", "--vision-epochs", "1", "--lm-epochs", "1",
+    assert module.main(["--out", str(out), "--train-images", "48", "--vision-epochs", "1", "--lm-steps", "2",
+                        "--lm-width", "16",
                         "--threads", "1"]) == 0
     report = json.loads((out / "BUILD.json").read_text())
     assert report["train_images"] == 48 and report["vision"]["heldout_images"] == 48

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-WORLD_SIZES = {"num_train_images": 64, "num_eval_images": 16, "image_size": 32}
+WORLD_SIZES = {"num_train_images": 64, "num_eval_images": 16, "num_pope_images": 4, "image_size": 32}
 
 
 def make_small_world(root: Path) -> Path:

@@ -6,12 +6,20 @@ no (colour, shape) pair twice in a scene). From the scenes we write, in LLaVA-1.
 * ``pretrain.json`` – one caption per training image (stage 1),
 * ``instruct.json`` – 2–4 question/answer turns per training image (stage 2),
 * ``eval.json``     – one question per *held-out* image, with ``question_type``, the gold ``answer`` and the
-  scene's ``caption`` (for text-only checks).
+  scene's ``caption`` (for text-only checks),
+* ``pope.json``     – existence questions on held-out images sampled as POPE does, with ``pope_sampling``.
 
-Answers are one or two words from a closed vocabulary (``ANSWERS``). Every question template is answer-balanced on
-the eval split, so a model that ignores the image cannot beat the per-type chance level (``chance_level``); the
-existence questions are the POPE-like yes/no split (half "no", half of those adversarial: the absent object shares
-its colour or its shape with an object that is present).
+The training scenes carry a language prior that can mislead, as real data does (``COMPANIONS``): six objects are
+common, and each comes with its companion in most scenes, so the captions the LMs read and the stage-2 answers say
+"a red circle" and "a blue square" together. ``pope.json`` probes it: for every held-out image one present object
+("yes") and, per sampling, one absent one ("no") – *random* (any absent object), *popular* (an absent common object)
+or *adversarial* (the absent companion of an object that is present), so that a model that leans on text says "yes"
+to the usual companion that is not there.
+
+Answers are one or two words from a closed vocabulary (``ANSWERS``). ``eval.json`` is drawn without the prior
+(uniform scenes) and every question template is answer-balanced, so a model that ignores the image cannot beat the
+per-type chance level (``chance_level``); its existence questions are half "no", half of those adversarial by
+attribute (the absent object shares its colour or its shape with an object that is present).
 """
 from __future__ import annotations
 
@@ -30,7 +38,7 @@ from factory.errors import FactoryError
 from factory.model.loading import node_get
 
 # Bump when the generated content changes, so cached worlds are regenerated.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 
 COLORS: Dict[str, Tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -62,7 +70,18 @@ TEMPLATES: Tuple[Tuple[str, str, str], ...] = (
     ("exists", "existence", "Is there a {color} {shape} in the image?"),
 )
 
-DEFAULT_SIZES = {"num_train_images": 2000, "num_eval_images": 500, "image_size": 32}
+# The language prior: companion pairs. Their six objects are drawn COMMON_WEIGHT times as often as the other nine,
+# and a drawn one brings its companion along with probability COMPANION_RATE when the scene has room for it.
+COMPANIONS: Tuple[Tuple[Tuple[str, str], Tuple[str, str]], ...] = (
+    (("red", "circle"), ("blue", "square")),
+    (("green", "triangle"), ("yellow", "circle")),
+    (("purple", "square"), ("red", "triangle")),
+)
+COMPANION_RATE = 0.8
+COMMON_WEIGHT = 3
+POPE_SAMPLINGS = ("random", "popular", "adversarial")
+
+DEFAULT_SIZES = {"num_train_images": 2000, "num_eval_images": 500, "num_pope_images": 100, "image_size": 32}
 MANIFEST = "manifest.json"
 _SUPERSAMPLE = 4  # shapes are drawn 4× larger and downsampled, so small images keep clean anti-aliased edges
 
@@ -75,10 +94,28 @@ def chance_level(question_type: str) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- scenes and images
-def _random_scene(rng: random.Random, num_objects: Optional[int] = None) -> List[Obj]:
+ALL_OBJECTS: Tuple[Tuple[str, str], ...] = tuple((c, s) for c in COLORS for s in SHAPES)
+COMPANION_OF: Dict[Tuple[str, str], Tuple[str, str]] = {**dict(COMPANIONS), **{b: a for a, b in COMPANIONS}}
+
+
+def _random_scene(rng: random.Random, num_objects: Optional[int] = None, prior: bool = True) -> List[Obj]:
+    """A scene of `num_objects` (default 1–4 at random) objects in distinct cells. With `prior` the objects follow
+    the world's language prior (common objects, companions together: the training scenes); without it they are
+    uniform (the eval.json scenes, where no prior can help)."""
     num = num_objects or rng.randint(1, len(POSITIONS))
+    if prior:
+        pairs: List[Tuple[str, str]] = []
+        while len(pairs) < num:
+            left = [o for o in ALL_OBJECTS if o not in pairs]
+            obj = rng.choices(left, weights=[COMMON_WEIGHT if o in COMPANION_OF else 1 for o in left])[0]
+            pairs.append(obj)
+            partner = COMPANION_OF.get(obj)
+            if partner and partner not in pairs and len(pairs) < num and rng.random() < COMPANION_RATE:
+                pairs.append(partner)
+        rng.shuffle(pairs)  # companions land in any two cells, not always side by side
+    else:
+        pairs = rng.sample(ALL_OBJECTS, num)
     cells = sorted(rng.sample(range(len(POSITIONS)), num))
-    pairs = rng.sample([(c, s) for c in COLORS for s in SHAPES], num)
     return [(c, s, cell) for (c, s), cell in zip(pairs, cells)]
 
 
@@ -152,6 +189,41 @@ def _question(scene: List[Obj], template: str, rng: random.Random, answer: Optio
     return text.format(**fields), ans
 
 
+def _pope_negative(scene: List[Obj], sampling: str, rng: random.Random) -> Optional[Tuple[str, str]]:
+    """An object absent from `scene`, drawn as POPE's `sampling` draws its negatives; None if there is none."""
+    present = {(c, s) for c, s, _ in scene}
+    absent = [o for o in ALL_OBJECTS if o not in present]
+    if sampling == "popular":  # the most frequent objects of the training scenes
+        absent = [o for o in absent if o in COMPANION_OF]
+    elif sampling == "adversarial":  # the objects that co-occur most with what is there
+        absent = sorted({COMPANION_OF[o] for o in present if o in COMPANION_OF} - present)
+    return rng.choice(absent) if absent else None
+
+
+def _pope_rows(num_images: int, image_size: int, seed: int, images: Path) -> List[Dict[str, Any]]:
+    """POPE-style existence questions on held-out scenes drawn with the prior: per image one present object and,
+    per sampling, one absent one (so each sampling is half "yes", half "no", and shares its "yes" rows)."""
+    rng = random.Random(f"microworld-{seed}-pope")
+    text = {k: t for k, _, t in TEMPLATES}["exists"]
+    rows = []
+    for n in range(num_images):
+        while True:  # rejection sampling: an adversarial negative needs a companion missing from the scene
+            scene = _random_scene(rng, rng.randint(1, len(POSITIONS) - 1))
+            negatives = {s: _pope_negative(scene, s, rng) for s in POPE_SAMPLINGS}
+            if all(negatives.values()):
+                break
+        name = f"pope_{n:05d}.png"
+        _render(scene, image_size, rng).save(images / name)
+        colour, shape, _ = rng.choice(scene)
+        for sampling in POPE_SAMPLINGS:
+            for (c, s), answer in (((colour, shape), "yes"), (negatives[sampling], "no")):
+                rows.append({"id": f"mw-pope-{sampling}-{n:05d}-{answer}", "image": name,
+                             "conversations": _conversation([(text.format(color=c, shape=s), answer)]),
+                             "question_type": "existence", "pope_sampling": sampling, "answer": answer,
+                             "caption": caption(scene)})
+    return rows
+
+
 def _conversation(turns: List[Tuple[str, str]]) -> List[Dict[str, str]]:
     conv = []
     for k, (q, a) in enumerate(turns):
@@ -161,9 +233,9 @@ def _conversation(turns: List[Tuple[str, str]]) -> List[Dict[str, str]]:
 
 
 # ---------------------------------------------------------------------------------------------------- generation
-def _validate_sizes(num_train_images: int, num_eval_images: int, image_size: int) -> None:
+def _validate_sizes(num_train_images: int, num_eval_images: int, num_pope_images: int, image_size: int) -> None:
     for key, value, low in (("num_train_images", num_train_images, 1), ("num_eval_images", num_eval_images, 1),
-                            ("image_size", image_size, 8)):
+                            ("num_pope_images", num_pope_images, 0), ("image_size", image_size, 8)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise FactoryError(
                 f"Micro-world setting `{key}` must be an integer ≥ {low}, got {value!r}. Fix `data.sizes.{key}` "
@@ -173,9 +245,11 @@ def _validate_sizes(num_train_images: int, num_eval_images: int, image_size: int
 
 def generate_microworld(root, seed: int = 0, num_train_images: int = DEFAULT_SIZES["num_train_images"],
                         num_eval_images: int = DEFAULT_SIZES["num_eval_images"],
+                        num_pope_images: int = DEFAULT_SIZES["num_pope_images"],
                         image_size: int = DEFAULT_SIZES["image_size"]) -> Path:
-    """Write images/, pretrain.json, instruct.json, eval.json, manifest.json under `root` (same seed → same bytes)."""
-    _validate_sizes(num_train_images, num_eval_images, image_size)
+    """Write images/, pretrain.json, instruct.json, eval.json, pope.json, manifest.json under `root` (same seed →
+    same bytes)."""
+    _validate_sizes(num_train_images, num_eval_images, num_pope_images, image_size)
     root = Path(root)
     images = root / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -217,7 +291,7 @@ def generate_microworld(root, seed: int = 0, num_train_images: int = DEFAULT_SIZ
         if qtype == "count":
             num_objects = COUNT_WORDS.index(want) + 1
         while True:  # rejection sampling; every (template, answer) is reachable within a few draws
-            scene = _random_scene(eval_rng, num_objects)
+            scene = _random_scene(eval_rng, num_objects, prior=False)
             qa = _question(scene, key, eval_rng, answer=want)
             if qa:
                 break
@@ -229,17 +303,20 @@ def generate_microworld(root, seed: int = 0, num_train_images: int = DEFAULT_SIZ
                            # image: scripts/microworld_check.py); never shown to a model that is evaluated on images
                            "caption": caption(scene)})
 
-    for fname, data in (("pretrain.json", pretrain), ("instruct.json", instruct), ("eval.json", evaluation)):
+    pope = _pope_rows(num_pope_images, image_size, seed, images)
+    for fname, data in (("pretrain.json", pretrain), ("instruct.json", instruct), ("eval.json", evaluation),
+                        ("pope.json", pope)):
         (root / fname).write_text(json.dumps(data, indent=1) + "\n")
-    manifest = dict(_settings(seed, num_train_images, num_eval_images, image_size),
-                    counts={"pretrain": len(pretrain), "instruct": len(instruct), "eval": len(evaluation)})
+    manifest = dict(_settings(seed, num_train_images, num_eval_images, num_pope_images, image_size),
+                    counts={"pretrain": len(pretrain), "instruct": len(instruct), "eval": len(evaluation),
+                            "pope": len(pope)})
     (root / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return root
 
 
-def _settings(seed, num_train_images, num_eval_images, image_size) -> Dict[str, Any]:
+def _settings(seed, num_train_images, num_eval_images, num_pope_images, image_size) -> Dict[str, Any]:
     return {"generator_version": GENERATOR_VERSION, "seed": seed, "num_train_images": num_train_images,
-            "num_eval_images": num_eval_images, "image_size": image_size}
+            "num_eval_images": num_eval_images, "num_pope_images": num_pope_images, "image_size": image_size}
 
 
 def _read_manifest(root: Path) -> Optional[Dict[str, Any]]:
@@ -253,7 +330,7 @@ def ensure_microworld(data_cfg) -> Path:
     """Generate the micro-world into `data_cfg.root` unless a world with the same settings is already there.
 
     Reads `root` (relative paths are relative to the current directory), `generate`, `seed` and `sizes`
-    ({num_train_images, num_eval_images, image_size}). Returns the absolute root. Safe when several processes of one
+    ({num_train_images, num_eval_images, num_pope_images, image_size}). Returns the absolute root. Safe when several processes of one
     distributed job call it at once: each writes into a private temporary folder that is moved into place atomically.
     """
     root_value = node_get(data_cfg, "root")
@@ -265,7 +342,7 @@ def ensure_microworld(data_cfg) -> Path:
     sizes.update({k: node_get(node_get(data_cfg, "sizes", {}) or {}, k) for k in DEFAULT_SIZES
                   if node_get(node_get(data_cfg, "sizes", {}) or {}, k) is not None})
     seed = node_get(data_cfg, "seed", 0)
-    wanted = _settings(seed, sizes["num_train_images"], sizes["num_eval_images"], sizes["image_size"])
+    wanted = _settings(seed, **sizes)
 
     manifest = _read_manifest(root)
     if manifest is not None and {k: manifest.get(k) for k in wanted} == wanted:

@@ -3,7 +3,9 @@
 eval.json is LLaVA conversation JSON with two extra keys per entry: ``question_type`` (color | shape | count |
 position | existence) and the gold ``answer``. A prediction is correct when it equals the answer after the VQA
 normalisation (case, punctuation, articles, number words: "Two." and "2" both match "two"); the existence answers are
-also parsed with POPE's yes/no rule and reported as POPE metrics.
+also parsed with POPE's yes/no rule and reported as POPE metrics. pope.json (the same format, every row an
+existence question with its ``pope_sampling``: random | popular | adversarial) is scored per sampling as POPE
+reports it: accuracy, precision, recall, F1 and yes-ratio.
 """
 from __future__ import annotations
 
@@ -41,10 +43,18 @@ def score_rows(pairs: Sequence[tuple]) -> Dict[str, Any]:
             pope_labels.append(str(question["answer"]).strip().lower())
     every = [ok for oks in per_type.values() for ok in oks]
     pope = answer_metrics.binary_metrics(pope_preds, pope_labels) if pope_preds else None
+    by_sampling: Dict[str, tuple] = defaultdict(lambda: ([], []))
+    for text, question in pairs:
+        if question.get("pope_sampling"):
+            preds, labels = by_sampling[str(question["pope_sampling"])]
+            preds.append(answer_metrics.parse_yes_no(text))
+            labels.append(str(question["answer"]).strip().lower())
+    if by_sampling:
+        pope_by_sampling = {s: answer_metrics.binary_metrics(*by_sampling[s]) for s in sorted(by_sampling)}
     return {"accuracy": answer_metrics.mean_percent(every),
             "per_type": {t: answer_metrics.mean_percent(per_type[t]) for t in sorted(per_type)},
             "per_type_n": {t: len(per_type[t]) for t in sorted(per_type)},
-            "pope": pope, "n": len(every)}
+            "pope": pope, "n": len(every), **({"pope_by_sampling": pope_by_sampling} if by_sampling else {})}
 
 
 def score_microworld(predictions, annotations: Path, questions: Optional[Path] = None, strict: bool = False):
@@ -58,8 +68,9 @@ def score_microworld(predictions, annotations: Path, questions: Optional[Path] =
 @torch.no_grad()
 def evaluate_microworld(model, eval_json, image_folder, batch_size: int = 16, max_new_tokens: int = 8,
                         limit: Optional[int] = None, progress: bool = False) -> Dict[str, Any]:
-    """Generate answers for eval.json (first `limit` entries) and score them. Returns {"accuracy", "per_type",
-    "per_type_n", "pope", "n", "seconds", "examples"} — accuracies in 0..100."""
+    """Generate answers for eval.json (or pope.json; first `limit` entries) and score them. Returns {"accuracy",
+    "per_type", "per_type_n", "pope", "n", "seconds", "examples"} and, for POPE rows, "pope_by_sampling" —
+    accuracies in 0..100."""
     questions = load_questions(Path(eval_json))
     if limit is not None:
         questions = questions[: int(limit)]
@@ -95,8 +106,9 @@ def format_table(result: Dict[str, Any]) -> str:
     lines = [f"micro-world eval: accuracy {result['accuracy']:.1f} (n={result['n']})"]
     for qtype, acc in result["per_type"].items():
         lines.append(f"  {qtype:<10} {acc:6.1f}  (n={result.get('per_type_n', {}).get(qtype, '?')})")
-    if result.get("pope"):
-        p = result["pope"]
-        lines.append(f"  POPE (existence): acc {p['accuracy']:.1f}  precision {p['precision']:.1f}  "
+    pope_rows = [("existence", result["pope"])] if result.get("pope") else []
+    pope_rows += sorted((result.get("pope_by_sampling") or {}).items())
+    for name, p in pope_rows:
+        lines.append(f"  POPE ({name}): acc {p['accuracy']:.1f}  precision {p['precision']:.1f}  "
                      f"recall {p['recall']:.1f}  F1 {p['f1']:.1f}  yes-ratio {p['yes_ratio']:.1f}")
     return "\n".join(lines)

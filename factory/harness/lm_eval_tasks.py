@@ -60,7 +60,7 @@ def microworld_knowledge_docs(seed: int = KNOWLEDGE_SEED, count: int = KNOWLEDGE
     docs: List[Dict[str, Any]] = []
     while len(docs) < count:
         key, qtype, _ = TEMPLATES[len(docs) % len(TEMPLATES)]
-        scene = _random_scene(rng)
+        scene = _random_scene(rng, prior=False)  # no prior: only the description can answer
         asked = _question(scene, key, rng)
         if asked is None:  # e.g. "What color is the circle?" when two circles are in the scene
             continue

@@ -119,6 +119,8 @@ def _train(cfg: DictConfig, dist, started: float, run_dir: Path, stages, dtype, 
     if eval_name:  # the keys are there (null) when the evaluation did not run, so summaries have one shape
         summary[f"{eval_name}_accuracy"] = evaluation.get("accuracy")
         summary[f"{eval_name}_per_type"] = evaluation.get("per_type")
+        for key, value in (evaluation.get("extra") or {}).items():
+            summary[f"{eval_name}_{key}"] = value
     summary["wall_s"] = round(time.time() - started, 2)
     if opened.resumed_record:
         summary["resumed"] = opened.resumed_record
