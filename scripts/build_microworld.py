@@ -1,16 +1,20 @@
-"""Rebuild the pretrained micro-world bases in factory/assets/microworld/ (deterministic, a few CPU minutes).
+"""Rebuild the pretrained micro-world bases in factory/assets/microworld/ (deterministic for a fixed thread count).
 
-    python scripts/build_microworld.py [--out factory/assets/microworld] [--seed 0]
+    python scripts/build_microworld.py [--out factory/assets/microworld] [--seed 0] [--parts all]
     python scripts/build_microworld.py --check     (measure the bases in --out: scripts/microworld_check.py)
 
-1. tokenizer/ – byte-level BPE trained with `tokenizers` on micro-world text and the chat-template words;
-2. vision/    – the vision tower of a tiny CLIPModel trained contrastively (CLIPModel's own loss) on images vs
-                captions,
-                saved as CLIPVisionModel + CLIPImageProcessor;
-3. phi/, llama/ – tiny PhiForCausalLM / LlamaForCausalLM trained on micro-world TEXT only (captions and the
-                question/answer turns in the phi / vicuna_v1 chat format, no images), each with its tokenizer.
-Everything loads with plain `from_pretrained`. Training uses only the training split (eval questions stay unseen).
-BUILD.json records the settings, the measured quality numbers and the wall time of each part.
+The parts, in order (`--parts tokenizer,vision,phi,llama`; the LMs need the tokenizer in --out and are the long
+part: run them as two processes side by side, one thread each, docs/microworld.md "Rebuilding the bases"):
+1. tokenizer – byte-level BPE trained with `tokenizers` on micro-world text and the chat-template words, written
+               into phi/ and llama/ (the Phi flavour ends turns with <|endoftext|>, the Vicuna one with </s>);
+2. vision/   – the vision tower of a tiny CLIPModel trained contrastively (CLIPModel's own loss) on images vs
+               captions, saved as CLIPVisionModel + CLIPImageProcessor;
+3. phi/, llama/ – PhiForCausalLM / LlamaForCausalLM trained from scratch on micro-world TEXT only, freshly generated
+               at every step from the training distribution (scenes with the world's language prior): the
+               recipe of scripts/microworld_lm_reading.py with LM_RECIPE (chat-template conversations, the caption
+               where the image will be, answer-only loss).
+Everything loads with plain `from_pretrained`. No eval scene is ever trained on. BUILD.json records the settings,
+the measured quality numbers and the wall time of each part.
 """
 from __future__ import annotations
 
@@ -40,8 +44,11 @@ SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<|endoftext|>", "<image>"]
 EOS = {"phi": "<|endoftext|>", "llama": "</s>"}
 VOCAB_SIZE = 512
 IMAGE_SIZE, PATCH = 32, 8
-LM_SHAPE = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                max_position_embeddings=512)
+MAX_POSITIONS = 512
+# The LMs' recipe (scripts/microworld_lm_reading.py options): measured in docs/microworld.md, "Rebuilding the bases".
+LM_RECIPE = dict(width=128, layers=4, heads=4, batch=32, turns=8, steps=5500, lr=1e-3, copy=0.2, no_caption=0.15)
+PARTS = ("tokenizer", "vision", "phi", "llama")
+VISION_IMAGES, VISION_EPOCHS = 4000, 30  # docs/microworld.md: the cell probe needs more than 2,000 images × 24 epochs
 
 
 def chat_text(conversations, eos: str, context: str = "") -> str:
@@ -69,7 +76,7 @@ def build_tokenizers(texts) -> dict:
     return {arch: PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token=eos, pad_token="<pad>",
         additional_special_tokens=["<image>"] + [t for t in EOS.values() if t != eos],
-        model_max_length=LM_SHAPE["max_position_embeddings"]) for arch, eos in EOS.items()}
+        model_max_length=MAX_POSITIONS) for arch, eos in EOS.items()}
 
 
 # ------------------------------------------------------------------------------------------------------ vision
@@ -130,53 +137,32 @@ def build_vision(world: Path, heldout: Path, tokenizer, out: Path, seed: int, ep
 
 
 # --------------------------------------------------------------------------------------------------------- LMs
-def build_lm(arch: str, texts, tokenizer, out: Path, seed: int, epochs: int) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM
+def build_lm(arch: str, out: Path, seed: int, threads: int, steps: int, width: int) -> dict:
+    """Train the `arch` LM with LM_RECIPE (its `steps` and `width` overridable) on the tokenizer in out/arch."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # microworld_lm_reading.py sits beside this script
+    from microworld_lm_reading import parse_args, train
 
-    torch.manual_seed(seed)
-    special = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
-    if arch == "phi":
-        model = PhiForCausalLM(PhiConfig(**LM_SHAPE, **special, partial_rotary_factor=0.5))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(**LM_SHAPE, **special, num_key_value_heads=4))
-    enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    batch = 32
-    steps = epochs * ((len(enc) + batch - 1) // batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.05)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(enc), generator=gen).split(batch):
-            rows = [enc[i] for i in idx.tolist()]
-            width = max(map(len, rows))
-            ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-            labels = torch.full((len(rows), width), -100)
-            for r, row in enumerate(rows):
-                ids[r, :len(row)] = torch.tensor(row)
-                labels[r, :len(row)] = torch.tensor(row)
-            loss = model(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-    model.eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)  # like the real Phi-2 / Vicuna repos, each LM ships its tokenizer
-    return {"final_loss": round(loss.item(), 4), "params": sum(p.numel() for p in model.parameters()),
-            "sequences": len(enc), "epochs": epochs}
+    recipe = dict(LM_RECIPE, steps=steps, width=width)
+    argv = ["--arch", arch, "--tokenizer", str(out), "--out", str(out / arch), "--seed", str(seed),
+            "--threads", str(threads), "--eval-every", str(10 ** 9)]
+    argv += [f"--{key.replace('_', '-')}={value}" for key, value in recipe.items()]
+    report = train(parse_args(argv))
+    return {k: report[k] for k in ("params", "steps", "train_seconds", "final_loss", "lm_caption_accuracy",
+                                   "lm_no_caption_accuracy")} | {"recipe": recipe}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(REPO / "factory" / "assets" / "microworld"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vision-epochs", type=int, default=24)
-    parser.add_argument("--lm-epochs", type=int, default=2)
-    parser.add_argument("--train-images", type=int, default=2000, help="size of the world the bases learn from")
+    parser.add_argument("--parts", default="all", help=f"comma list of {', '.join(PARTS)} (or all)")
+    parser.add_argument("--vision-epochs", type=int, default=VISION_EPOCHS)
+    parser.add_argument("--lm-steps", type=int, default=LM_RECIPE["steps"])
+    parser.add_argument("--lm-width", type=int, default=LM_RECIPE["width"])
+    parser.add_argument("--train-images", type=int, default=2000,
+                        help="training images of the world the tokenizer is trained on")
+    parser.add_argument("--vision-images", type=int, default=VISION_IMAGES,
+                        help="training images (with captions) the vision tower learns from")
     # Results are bit-reproducible for a fixed thread count (float reductions are ordered per thread layout).
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--check", action="store_true",
@@ -198,49 +184,79 @@ def main(argv=None) -> int:
     return 0
 
 
+def _parts(value: str) -> list:
+    parts = list(PARTS) if value == "all" else [p.strip() for p in value.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise SystemExit(f"--parts: unknown part(s) {unknown or value!r}; choose from {', '.join(PARTS)} or all.")
+    return [p for p in PARTS if p in parts]  # always in build order: the LMs and the tower need the tokenizer
+
+
 def _build(args) -> dict:
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = _parts(args.parts)
     start = time.time()
     report = {"seed": args.seed, "threads": args.threads, "train_images": args.train_images, "timings_s": {}}
 
     with tempfile.TemporaryDirectory() as tmp:
-        # The bases learn from the training split of the world with data seed --seed (0 = the default world).
-        world = generate_microworld(Path(tmp) / "world", seed=args.seed, num_train_images=args.train_images,
-                                    num_eval_images=10, image_size=IMAGE_SIZE)
-        # Captioned images from another seed, only to measure the tower's image → caption retrieval.
-        heldout = generate_microworld(Path(tmp) / "heldout", seed=args.seed + 1000,
-                                      num_train_images=min(200, args.train_images),
-                                      num_eval_images=1, image_size=IMAGE_SIZE)
-        pretrain = json.loads((world / "pretrain.json").read_text())
-        instruct = json.loads((world / "instruct.json").read_text())
-        captions = [e["conversations"][-1]["value"] for e in pretrain]
-
-        t = time.time()
-        corpus = captions + [chat_text(e["conversations"], eos) for e in pretrain + instruct for eos in EOS.values()]
-        tokenizers = build_tokenizers(corpus + [SYSTEM + " USER: ASSISTANT:"])
-        report["timings_s"]["tokenizer"] = round(time.time() - t, 1)
-        report["tokenizer"] = {"vocab_size": len(tokenizers["phi"]),
-                               "system_prompt_tokens": len(tokenizers["phi"](SYSTEM)["input_ids"])}
-
-        t = time.time()
-        report["vision"] = build_vision(world, heldout, tokenizers["phi"], out / "vision", args.seed,
-                                        args.vision_epochs)
-        report["timings_s"]["vision"] = round(time.time() - t, 1)
-
-        for arch, eos in EOS.items():
+        if "tokenizer" in parts:
+            # The tokenizer and the tower learn from the training split of the world with data seed --seed (0 = the
+            # default world); the LMs draw their own scenes from the same distribution (microworld_lm_reading.py).
+            world = generate_microworld(Path(tmp) / "world", seed=args.seed, num_train_images=args.train_images,
+                                        num_eval_images=10, num_pope_images=0, image_size=IMAGE_SIZE)
+        if "tokenizer" in parts:
             t = time.time()
-            # Captions, the questions alone (nothing to go on: the LM learns the format and a flat prior) and the
-            # questions after the caption in place of the image (it learns to answer from a description in context,
-            # as real LLMs can, which is what a connector trained on captions in stage 1 can then feed it).
-            texts = ([c + "\n" for c in captions] + [chat_text(e["conversations"], eos) for e in instruct]
-                     + [chat_text(e["conversations"], eos, context=c) for e, c in zip(instruct, captions)])
-            report[arch] = build_lm(arch, texts, tokenizers[arch], out / arch, args.seed, args.lm_epochs)
-            report["timings_s"][arch] = round(time.time() - t, 1)
+            pretrain = json.loads((world / "pretrain.json").read_text())
+            instruct = json.loads((world / "instruct.json").read_text())
+            captions = [e["conversations"][-1]["value"] for e in pretrain]
+            corpus = captions + [chat_text(e["conversations"], eos) for e in pretrain + instruct
+                                 for eos in EOS.values()]
+            for arch, tokenizer in build_tokenizers(corpus + [SYSTEM + " USER: ASSISTANT:"]).items():
+                tokenizer.save_pretrained(out / arch)
+            report["timings_s"]["tokenizer"] = round(time.time() - t, 1)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(out / "phi")
+        report["tokenizer"] = {"vocab_size": len(tokenizer),
+                               "system_prompt_tokens": len(tokenizer(SYSTEM)["input_ids"])}
+        if "vision" in parts:
+            t = time.time()
+            # Captioned images from another seed, only to measure the tower's image → caption retrieval.
+            heldout = generate_microworld(Path(tmp) / "heldout", seed=args.seed + 1000,
+                                          num_train_images=min(200, args.vision_images), num_eval_images=1,
+                                          num_pope_images=0, image_size=IMAGE_SIZE)
+            # the first --train-images of these are the tokenizer's images (one training stream per seed)
+            images = generate_microworld(Path(tmp) / "vision", seed=args.seed, num_train_images=args.vision_images,
+                                         num_eval_images=1, num_pope_images=0, image_size=IMAGE_SIZE)
+            report["vision"] = build_vision(images, heldout, tokenizer, out / "vision", args.seed, args.vision_epochs)
+            report["vision_images"] = args.vision_images
+            report["timings_s"]["vision"] = round(time.time() - t, 1)
+        for arch in ("phi", "llama"):
+            if arch in parts:
+                t = time.time()
+                report[arch] = build_lm(arch, out, args.seed, args.threads, args.lm_steps, args.lm_width)
+                report["timings_s"][arch] = round(time.time() - t, 1)
 
     report["timings_s"]["total"] = round(time.time() - start, 1)
-    report["size_bytes"] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    (out / "BUILD.json").write_text(json.dumps(report, indent=1) + "\n")
-    return report
+    return _record(out, report, parts)
+
+
+def _record(out: Path, report: dict, parts: list) -> dict:
+    """Merge this build's parts into BUILD.json (parts built by other processes keep their entries)."""
+    path = out / "BUILD.json"
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):
+        previous = {}
+    merged = dict(previous, **{k: v for k, v in report.items() if k != "timings_s"})
+    merged["timings_s"] = dict(previous.get("timings_s", {}), **{k: v for k, v in report["timings_s"].items()
+                                                                  if k != "total"})
+    merged["size_bytes"] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and f.name != "BUILD.json")
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(merged, indent=1) + "\n")
+    tmp.replace(path)  # atomic: the LMs finish in parallel processes
+    return dict(report, parts=parts)
 
 
 if __name__ == "__main__":

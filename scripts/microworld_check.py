@@ -1,6 +1,6 @@
 """How competent the micro-world bases are, measured on held-out scenes (docs/microworld.md, "Measured quality").
 
-    python scripts/microworld_check.py [--assets factory/assets/microworld] [--questions 500] [--probe-images 600]
+    python scripts/microworld_check.py [--assets factory/assets/microworld] [--questions 500] [--probe-images 2000]
     python scripts/build_microworld.py --check          (the same, for the shipped assets)
 
 * `lm_caption_accuracy`: each LM, text only, answers the held-out questions of the default world (data seed 0,
@@ -82,7 +82,7 @@ def _cell_features(folder: Path, root: Path, entries: List[dict]) -> torch.Tenso
     return torch.cat(feats)  # [images, 4 cells, half*half*width]
 
 
-def _probe(train_x, train_y, test_x, test_y, classes: int, steps: int = 400) -> float:
+def _probe(train_x, train_y, test_x, test_y, classes: int, steps: int = 1500) -> float:
     torch.manual_seed(0)
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
@@ -119,7 +119,7 @@ def vision_probe(folder: Path, images: int) -> dict:
     return result
 
 
-def check(assets: Path, questions: int = 500, probe_images: int = 600) -> dict:
+def check(assets: Path, questions: int = 500, probe_images: int = 2000) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root = generate_microworld(Path(tmp) / "w", seed=0, num_train_images=1, num_eval_images=questions,
                                    num_pope_images=0)
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--assets", default=str(REPO / "factory" / "assets" / "microworld"))
     parser.add_argument("--questions", type=int, default=500, help="held-out questions of the default world")
-    parser.add_argument("--probe-images", type=int, default=600, help="images per probe split")
+    parser.add_argument("--probe-images", type=int, default=2000, help="images per probe split")
     args = parser.parse_args(argv)
     print(json.dumps(check(Path(args.assets), args.questions, args.probe_images)))
     return 0

@@ -1,17 +1,20 @@
 """The paper's comparison in miniature: every tuner trained for stage 2 from ONE shared stage-1 checkpoint.
 
     python scripts/microworld_comparison.py [--out runs/microworld_comparison] [--seeds 0 1 2] \
-        [--tuners full lora adapter oft ia3 mores_r1 mores_r2 mores_r4] [--ablations rank positions layers] \
-        [--max-steps N] [--pretrain-steps N] [--eval-limit N] [--imbalance-samples N] [--jobs 2] \
+        [--tuners full lora lora_r8 adapter ia3 oft mores_r1 mores_r2 mores_r4] \
+        [--ablations rank positions layers rotation modality] [--max-steps N] [--pretrain-steps N] \
+        [--eval-limit N] [--retention-questions N] [--imbalance-samples N] [--jobs 2] \
         [--doc docs/results/microworld.md]
 
 1. `train.py stage=pretrain` once (seed of the first --seeds entry) → <out>/stage1/pretrain;
 2. per variant × seed: `train.py stage=instruct stage.init_from=<out>/stage1/pretrain tuner=... seed=...`
    (micro-world evaluation switched off there; it is done here, on the loaded checkpoint);
-3. per run: trainable LLM parameters (factory.tuners.tuning_report), held-out accuracy per question type and POPE
-   F1 (factory.eval.microworld), LMAR / visual share per layer (factory.eval.imbalance)
-   → <out>/<variant>/seed<s>.json;
-4. the Markdown table (mean ± std over seeds) and two PNGs next to --doc.
+3. per run: trainable LLM parameters (TP*, factory.tuners.tuning_report), held-out accuracy per question type
+   (eval.json), POPE per sampling (pope.json), text-only retention against the base LM (the first
+   --retention-questions of eval.json read from their caption: factory.eval.microworld_reading), LMAR / visual
+   share per layer (factory.eval.imbalance), stage-2 wall time → <out>/<variant>/seed<s>.json;
+4. the Markdown tables (mean ± std over seeds), the verdict on each claim of the paper (`verdicts`) and two PNGs
+   next to --doc.
 Finished runs (train.py's summary.json, the measured JSON) are reused, so an interrupted comparison resumes where it
 stopped.
 """
@@ -34,26 +37,35 @@ sys.path.insert(0, str(REPO))
 
 QUESTION_TYPES = ("color", "shape", "count", "position", "existence")
 # Main table: tuner name → train.py overrides.
+# LoRA at the paper's r = 128 (alpha 256), which at the micro-world LMs' width of 128 is full rank, and at the rank
+# scaled to this width: 128 · 128 / 2560 (Phi-2's width) = 6.4 → r = 8, alpha 16 (the same alpha / r = 2).
 MAIN = {
-    "full": ["tuner=full"], "lora": ["tuner=lora"], "adapter": ["tuner=adapter"], "oft": ["tuner=oft"],
-    "ia3": ["tuner=ia3"], "mores_r1": ["tuner=mores", "tuner.rank=1"], "mores_r2": ["tuner=mores", "tuner.rank=2"],
+    "full": ["tuner=full"], "lora": ["tuner=lora"], "lora_r8": ["tuner=lora", "tuner.r=8", "tuner.alpha=16"],
+    "adapter": ["tuner=adapter"], "ia3": ["tuner=ia3"], "oft": ["tuner=oft"],
+    "mores_r1": ["tuner=mores", "tuner.rank=1"], "mores_r2": ["tuner=mores", "tuner.rank=2"],
     "mores_r4": ["tuner=mores", "tuner.rank=4"],
 }
 
 
 # The main-table runs each ablation is read against (rank 1 = f4+l5 positions on all layers, the defaults).
-ABLATION_REFERENCES = {"rank": ["mores_r1", "mores_r2", "mores_r4"], "positions": ["mores_r1"], "layers": ["mores_r1"]}
+ABLATION_REFERENCES = {"rank": ["mores_r1", "mores_r2", "mores_r4"], "positions": ["mores_r1"], "layers": ["mores_r1"],
+                       "rotation": ["mores_r1"], "modality": ["mores_r1"]}
+ABLATIONS = tuple(ABLATION_REFERENCES)
 
 
 def ablations(num_layers: int) -> Dict[str, Dict[str, List[str]]]:
-    """MoReS ablations (rank 1 unless named): rank 8; steered positions; steered layers."""
+    """MoReS ablations (rank 1 unless named): rank 8; steered positions (f4+l5 is 9 of the 16 image tokens here,
+    56 %: the reference; then 25, 50 and 100 % of them); steered layers; R frozen at its initial value; MoReS on the
+    prompt's text tokens instead of the image's."""
     deep = f"'{num_layers // 2}-{num_layers - 1}'"
     return {
         "rank": {"mores_r8": ["tuner=mores", "tuner.rank=8"]},
         "positions": {f"mores_pos_ratio{int(r * 100)}": ["tuner=mores", f"tuner.positions='ratio={r}'"]
-                      for r in (0.25, 0.5, 1.0)},
+                      for r in (0.01, 0.25, 0.5, 1.0)},
         "layers": {"mores_layers_every_2nd": ["tuner=mores", "tuner.layers=every_2nd"],
                    "mores_layers_deep_half": ["tuner=mores", f"tuner.layers={deep}"]},
+        "rotation": {"mores_frozen_rotation": ["tuner=mores", "tuner.train_rotation=false"]},
+        "modality": {"mores_text": ["tuner=mores", "tuner.modality=text"]},
     }
 
 
@@ -77,6 +89,7 @@ def measure(args, run_dir: Path, variant: str, seed: int) -> dict:
     from omegaconf import OmegaConf
 
     from factory import load_checkpoint
+    from factory.eval.after_training import retention
     from factory.eval.generate import load_questions
     from factory.eval.imbalance import analyze
     from factory.eval.microworld import evaluate_microworld
@@ -84,17 +97,24 @@ def measure(args, run_dir: Path, variant: str, seed: int) -> dict:
 
     torch.set_num_threads(args.threads)
     ckpt = run_dir / "instruct"
-    data = OmegaConf.load(ckpt / "config.yaml").data.eval
+    cfg = OmegaConf.load(ckpt / "config.yaml")
+    data = cfg.data.eval
     eval_json, images = REPO / data.json, REPO / data.image_folder
     model = load_checkpoint(ckpt)
     report = tuning_report(model)
     result = evaluate_microworld(model, eval_json, images, limit=args.eval_limit)
+    pope = evaluate_microworld(model, REPO / data.pope_json, images, limit=args.pope_limit)["pope_by_sampling"]
+    cfg.data.eval.json = str(eval_json)
+    kept = retention(model, cfg, args.retention_questions, 16)
     imbalance = analyze(model, load_questions(eval_json), images, num_samples=args.imbalance_samples,
                         max_new_tokens=8, label=variant, progress=False)
     summary = json.loads((run_dir / "summary.json").read_text())
     return {"variant": variant, "seed": seed, "trainable_llm": report["trainable_llm"],
             "trainable_total": report["trainable_total"], "accuracy": result["accuracy"],
-            "per_type": result["per_type"], "pope_f1": (result.get("pope") or {}).get("f1"), "n": result["n"],
+            "per_type": result["per_type"], "n": result["n"],
+            "pope": {s: {k: m[k] for k in ("accuracy", "precision", "recall", "f1", "yes_ratio", "n")}
+                     for s, m in pope.items()},
+            "retention": kept["retention"], "reading": kept["reading"],
             "train_wall_s": summary["stages"]["instruct"]["wall_s"], "steps": summary["stages"]["instruct"]["steps"],
             "lmar": imbalance["lmar"], "visual_share": imbalance["visual_share"]}
 
@@ -108,15 +128,32 @@ def _ms(values) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
+POPE_SAMPLINGS = ("random", "popular", "adversarial")
+
+
 def table(rows_by_variant: Dict[str, List[dict]]) -> str:
-    head = ("| tuner | trainable LLM params | seeds | accuracy | " + " | ".join(QUESTION_TYPES)
-            + " | POPE F1 | stage-2 wall s |")
+    head = ("| tuner | TP* | seeds | accuracy | " + " | ".join(QUESTION_TYPES)
+            + " | POPE F1 rand / pop / adv | POPE acc adv | yes % adv | retention % | LMAR (mean of layers) "
+            + "| stage-2 wall s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for variant, rows in rows_by_variant.items():
         cells = [variant, f"{rows[0]['trainable_llm']:,}", str(len(rows)), _ms([r["accuracy"] for r in rows])]
         cells += [_ms([r["per_type"].get(t) for r in rows]) for t in QUESTION_TYPES]
-        cells += [_ms([r["pope_f1"] for r in rows]), _ms([r["train_wall_s"] for r in rows])]
+        cells.append(" / ".join(_ms([r["pope"][s]["f1"] for r in rows]) for s in POPE_SAMPLINGS))
+        cells += [_ms([r["pope"]["adversarial"][k] for r in rows]) for k in ("accuracy", "yes_ratio")]
+        cells += [_ms([r["retention"] for r in rows]), _ms([statistics.mean(r["lmar"]) for r in rows]),
+                  _ms([r["train_wall_s"] for r in rows])]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def lmar_table(rows_by_variant: Dict[str, List[dict]]) -> str:
+    """LMAR per layer (mean over seeds): the share of the answer's attention on image tokens relative to text."""
+    layers = len(next(iter(rows_by_variant.values()))[0]["lmar"])
+    head = "| tuner | " + " | ".join(f"layer {i}" for i in range(layers)) + " |"
+    lines = [head, "|" + "---|" * (layers + 1)]
+    for variant, rows in rows_by_variant.items():
+        lines.append(f"| {variant} | " + " | ".join(f"{v:.3f}" for v in mean_layers(rows, "lmar")) + " |")
     return "\n".join(lines)
 
 
@@ -153,11 +190,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "microworld_comparison")
     parser.add_argument("--tuners", nargs="+", default=list(MAIN), choices=list(MAIN))
-    parser.add_argument("--ablations", nargs="*", default=[], choices=["rank", "positions", "layers"])
+    parser.add_argument("--ablations", nargs="*", default=[], choices=list(ABLATIONS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--max-steps", type=int, default=None, help="stage-2 steps (default: trainer config)")
     parser.add_argument("--pretrain-steps", type=int, default=None, help="stage-1 steps (default: trainer config)")
     parser.add_argument("--eval-limit", type=int, default=None, help="first N held-out questions (default: all)")
+    parser.add_argument("--pope-limit", type=int, default=None, help="first N POPE rows (default: all)")
+    parser.add_argument("--retention-questions", type=int, default=250,
+                        help="eval.json rows asked again text-only for the retention figure")
     parser.add_argument("--imbalance-samples", type=int, default=50)
     parser.add_argument("--jobs", type=int, default=1, help="stage-2 trainings run in parallel")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
@@ -209,6 +249,11 @@ def main(argv=None) -> int:
         references = [v for v in ABLATION_REFERENCES[group] if v in rows_by_variant]
         text += (f"\n\n**Ablation: {group}** (MoReS rank 1, f4+l5, all layers unless named)\n\n"
                  + table({v: rows_by_variant[v] for v in [*references, *group_variants]}))
+    text += "\n\n**LMAR per layer** (mean over seeds)\n\n" + lmar_table(rows_by_variant)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # microworld_verdicts.py sits beside this script
+    from microworld_verdicts import verdicts
+
+    text += "\n\n## Verdict\n\n" + "\n".join(verdicts(rows_by_variant, list(args.tuners)))
     (out / "table.md").write_text(text + "\n")
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(

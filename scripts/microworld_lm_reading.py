@@ -54,9 +54,11 @@ def conversation(rng: random.Random, args) -> list:
     if context and rng.random() < args.copy:
         turns.append((context + COPY_PROMPT, mw.caption(scene)))
         context = ""
-    templates = [key for key, _, _ in mw.TEMPLATES]
+    # A question type first, then one of its templates: each type gets a fifth of the questions (a uniform pick
+    # over the templates would give position, with one template, a seventh).
+    by_type = {t: [key for key, qt, _ in mw.TEMPLATES if qt == t] for t in mw.QUESTION_TYPES}
     while len(turns) < args.turns + (1 if turns else 0):
-        qa = mw._question(scene, rng.choice(templates), rng)
+        qa = mw._question(scene, rng.choice(by_type[rng.choice(mw.QUESTION_TYPES)]), rng)
         if qa:
             turns.append((context + qa[0], qa[1]))
             context = ""
@@ -90,10 +92,12 @@ def build_model(args, tok):
     return LlamaForCausalLM(LlamaConfig(**shape, **special, num_key_value_heads=args.heads))
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--arch", choices=sorted(LM_TEMPLATES), default="phi")
+    parser.add_argument("--tokenizer", default=str(TOKENIZER),
+                        help="folder holding the phi/ and llama/ tokenizers (default: the shipped ones)")
     for name, value in (("width", 128), ("layers", 4), ("heads", 4), ("batch", 32), ("turns", 8),
                         ("min-objects", 1), ("eval-every", 500), ("threads", 1), ("seed", 0), ("steps", 0),
                         ("eval-questions", 500)):
@@ -103,16 +107,23 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if bool(args.steps) == bool(args.minutes):
         parser.error("give exactly one of --steps and --minutes")
+    return args
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Train, measure and save one LM as `args` say (parse_args); returns the report (scripts/build_microworld.py
+    builds the shipped LMs with this)."""
     from transformers import AutoTokenizer
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(f"lm-reading-{args.seed}")  # its own stream: never the default world's eval scenes
-    tok = AutoTokenizer.from_pretrained(TOKENIZER / args.arch)
+    tok = AutoTokenizer.from_pretrained(Path(args.tokenizer) / args.arch)
     template = get_template(LM_TEMPLATES[args.arch])
     model = build_model(args, tok)
+    model.generation_config.pad_token_id = tok.pad_token_id  # batched generation pads with the tokenizer's pad
     with tempfile.TemporaryDirectory() as tmp:
-        world = mw.generate_microworld(Path(tmp) / "w", seed=0, num_train_images=1,
+        world = mw.generate_microworld(Path(tmp) / "w", seed=0, num_train_images=1, num_pope_images=0,
                                        num_eval_images=args.eval_questions)
         held_out = json.loads((world / "eval.json").read_text())
 
@@ -149,7 +160,11 @@ def main(argv=None) -> int:
     report = {"settings": vars(args), "steps": step, "train_seconds": round(time.time() - start, 1),
               "params": sum(p.numel() for p in model.parameters()), "final_loss": round(loss.item(), 4),
               "history": history, "lm_caption_accuracy": measure(True), "lm_no_caption_accuracy": measure(False)}
-    print(json.dumps(report))
+    return report
+
+
+def main(argv=None) -> int:
+    print(json.dumps(train(parse_args(argv))))
     return 0
 
 

@@ -310,19 +310,20 @@ def test_vision_tower_sees_colour_and_shape_per_cell(tmp_path):
 
 
 def test_build_script_runs_end_to_end_on_a_reduced_setting(tmp_path):
-    """The rebuild recipe stays runnable: a 48-image, one-epoch build writes bases that load like the committed ones."""
-    import importlib.util
-
+    """The rebuild recipe stays runnable: a 48-image, one-epoch, two-LM-step build writes bases that load like the
+    committed ones; a part rebuilt alone (the LMs run as separate processes) keeps the others' BUILD.json entries."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
-    spec = importlib.util.spec_from_file_location("build_microworld", REPO / "scripts" / "build_microworld.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+
+    module = load_script("build_microworld")
     out = tmp_path / "bases"
-    assert module.main(["--out", str(out), "--train-images", "48", "--vision-epochs", "1", "--lm-steps", "2",
-                        "--lm-width", "16",
-                        "--threads", "1"]) == 0
+    small = ["--out", str(out), "--train-images", "48", "--vision-images", "48", "--vision-epochs", "1",
+             "--lm-steps", "2", "--lm-width", "16", "--threads", "1"]
+    assert module.main(small) == 0
     report = json.loads((out / "BUILD.json").read_text())
     assert report["train_images"] == 48 and report["vision"]["heldout_images"] == 48
+    assert report["phi"]["steps"] == 2 and report["phi"]["recipe"]["width"] == 16
+    assert module.main(small + ["--parts", "llama"]) == 0
+    assert set(json.loads((out / "BUILD.json").read_text())) >= {"vision", "phi", "llama", "tokenizer"}
     assert AutoTokenizer.from_pretrained(out / "llama").eos_token == "</s>"
     assert CLIPVisionModel.from_pretrained(out / "vision").config.patch_size == 8
     for arch in ("phi", "llama"):

@@ -20,6 +20,7 @@ def test_comparison_runs_end_to_end_on_a_reduced_setting(tmp_path):
     assert _script().main(["--out", str(out), "--tuners", "lora", "mores_r1", "--ablations", "rank",
                            "--seeds", "0", "--pretrain-steps", "3",
                            "--max-steps", "3", "--eval-limit", "10", "--imbalance-samples", "4",
+                           "--pope-limit", "12", "--retention-questions", "10",
                            "--doc", str(doc)]) == 0
     # ONE stage-1 checkpoint, and both stage-2 runs started from it.
     assert (out / "stage1" / "pretrain" / "meta.json").exists()
@@ -31,6 +32,9 @@ def test_comparison_runs_end_to_end_on_a_reduced_setting(tmp_path):
         assert set(row["per_type"]) == {"color", "shape", "count", "position", "existence"}
         assert len(row["lmar"]) == len(row["visual_share"]) == 4  # one value per decoder layer of the tiny Phi
         assert row["steps"] == 3 and row["train_wall_s"] > 0
+        assert {s: m["n"] for s, m in row["pope"].items()} == {"random": 4, "popular": 4, "adversarial": 4}
+        assert row["retention"] is None or row["retention"] >= 0
+        assert set(row["reading"]) == {"base", "tuned"}
     # MoReS rank 1 on 4 layers of width 64: 4 × (R 64 + W 64 + b 1) = 516 parameters; LoRA is far larger.
     assert 0 < rows["mores_r1"]["trainable_llm"] < 2_000 < rows["lora"]["trainable_llm"]
     text = doc.read_text()
@@ -39,5 +43,12 @@ def test_comparison_runs_end_to_end_on_a_reduced_setting(tmp_path):
     main_table, ablation = text.split("**Ablation: rank**")
     assert "| mores_r8 |" not in main_table and "| mores_r8 |" in ablation and "| mores_r1 |" in ablation
     assert json.loads((out / "mores_r8" / "seed0.json").read_text())["trainable_llm"] == 8 * 516
+    assert "**LMAR per layer**" in text and "## Verdict" in text
+    # with only these runs the verdicts that can be decided are there, each with a ruling
+    verdict = "\n".join(line for line in text.split("## Verdict")[1].splitlines() if line.startswith("- **"))
+    for claim in ("MoReS within a few points", "hallucinates least", "keeps world knowledge", "Rank 1 is enough",
+                  "raises the visual attention share"):
+        assert claim in verdict
+    assert all(("holds" in line or "inconclusive" in line) for line in verdict.splitlines())
     for png in ("microworld_accuracy_vs_params.png", "microworld_imbalance.png"):
         assert (doc.parent / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
