@@ -330,8 +330,9 @@ def ensure_microworld(data_cfg) -> Path:
     """Generate the micro-world into `data_cfg.root` unless a world with the same settings is already there.
 
     Reads `root` (relative paths are relative to the current directory), `generate`, `seed` and `sizes`
-    ({num_train_images, num_eval_images, num_pope_images, image_size}). Returns the absolute root. Safe when several processes of one
-    distributed job call it at once: each writes into a private temporary folder that is moved into place atomically.
+    ({num_train_images, num_eval_images, num_pope_images, image_size}). Returns the absolute root. Safe when several
+    processes of one distributed job call it at once: each writes into a private temporary folder that is moved
+    into place atomically.
     """
     root_value = node_get(data_cfg, "root")
     if not root_value:

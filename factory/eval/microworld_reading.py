@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Sequence, Union
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from factory.constants import IMAGE_MARKER
 from factory.data.templates import get_template
@@ -42,8 +43,6 @@ def lm_reading(lm: Union[str, Path, torch.nn.Module], tokenizer, template: str, 
                batch_size: int = 50, max_new_tokens: int = 4) -> Dict[str, Any]:
     """Greedy answers of a bare causal LM (a folder or a loaded model) to `rows`; score_rows' result."""
     if not isinstance(lm, torch.nn.Module):
-        from transformers import AutoModelForCausalLM
-
         lm = AutoModelForCausalLM.from_pretrained(str(lm))
     lm.eval()
     chat = get_template(template)
