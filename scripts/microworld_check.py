@@ -1,14 +1,16 @@
 """How competent the micro-world bases are, measured on held-out scenes (docs/microworld.md, "Measured quality").
 
-    python scripts/microworld_check.py [--assets factory/assets/microworld] [--questions 500] [--probe-images 2000]
+    python scripts/microworld_check.py [--assets factory/assets/microworld] [--questions 2500] [--probe-images 2000]
     python scripts/build_microworld.py --check          (the same, for the shipped assets)
 
-* `lm_caption_accuracy`: each LM, text only, answers the held-out questions of the default world (data seed 0,
-  eval.json, answer-balanced per template) with the scene's caption written where the image would be — the prompt
-  its chat template builds for `<caption>\\n<question>`, greedy, exact match. What a frozen LM can do with perfectly
-  caption-like image embeddings.
+* `lm_caption_accuracy`: each LM, text only, answers held-out questions (data seed 0's eval stream: the default
+  world's 500 eval.json questions and, with --questions 2500, the next 2,000; answer-balanced per template) with the
+  scene's caption written where the image would be — the prompt its chat template builds for
+  `<caption>\\n<question>`, greedy, scored as the micro-world eval scores (factory.eval.microworld_reading). What a
+  frozen LM can do with perfectly caption-like image embeddings.
 * `lm_no_caption_accuracy`: the same questions without the caption; a base that cannot see must stay at chance
-  (`chance`: 1 / the size of the type's answer set).
+  (`chance`: 1 / the size of the type's answer set). 500 questions per type, because an LM that answers from a
+  prior (a different answer per question) scatters by ±5 points around chance on 100 questions per type.
 * `vision_probe_accuracy`: a linear probe (softmax regression) on the tower's layer −2 patch features of each grid
   cell (its 2×2 patches, concatenated) reads the cell's colour, shape and emptiness; trained on images of one world,
   scored on the images of another (data seeds 7 and 8).
@@ -119,7 +121,7 @@ def vision_probe(folder: Path, images: int) -> dict:
     return result
 
 
-def check(assets: Path, questions: int = 500, probe_images: int = 2000) -> dict:
+def check(assets: Path, questions: int = 2500, probe_images: int = 2000) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root = generate_microworld(Path(tmp) / "w", seed=0, num_train_images=1, num_eval_images=questions,
                                    num_pope_images=0)
@@ -136,7 +138,8 @@ def check(assets: Path, questions: int = 500, probe_images: int = 2000) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--assets", default=str(REPO / "factory" / "assets" / "microworld"))
-    parser.add_argument("--questions", type=int, default=500, help="held-out questions of the default world")
+    parser.add_argument("--questions", type=int, default=2500,
+                        help="held-out questions: the default world's 500, then more of the same eval stream")
     parser.add_argument("--probe-images", type=int, default=2000, help="images per probe split")
     args = parser.parse_args(argv)
     print(json.dumps(check(Path(args.assets), args.questions, args.probe_images)))

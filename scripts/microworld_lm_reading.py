@@ -131,7 +131,8 @@ def train(args: argparse.Namespace) -> dict:
         model.eval()
         out = Path(args.out)
         model.save_pretrained(out, safe_serialization=True)
-        tok.save_pretrained(out)
+        if out.resolve() != (Path(args.tokenizer) / args.arch).resolve():  # the build trains in the tokenizer's folder
+            tok.save_pretrained(out)
         result = lm_reading(out, LM_TEMPLATES[args.arch], held_out, with_caption)
         model.train()
         return result

@@ -17,9 +17,14 @@ from factory.errors import FactoryError
 
 BASES = ASSETS_DIR / "microworld"
 REPO = Path(__file__).resolve().parents[1]
-# Measured with the committed bases on the test's 12 scenes (35 questions): phi 0.69, llama 0.51; on 60 scenes 0.52 and
-# 0.50. A model that ignores the description averages 0.31 (the mean chance level).
-MIN_IN_CONTEXT_ACCURACY = 0.4
+# Measured with the committed bases on the test's 12 scenes: see test_language_bases_answer_from_a_description_in_context.
+# A model that ignores the description averages 0.31 (the mean chance level).
+MIN_IN_CONTEXT_ACCURACY = 0.9
+# Reading the caption in context (--check, 2,500 held-out questions): the target is 97 % on every type. Measured: Phi
+# colour 99.8, shape 99.8, count, position, existence 100; Llama colour 92.2, shape 99.2, count 100, position 90.8,
+# existence 98.8 - Llama is short of the target on colour and position (its rebuild is open, docs/microworld.md).
+CAPTION_FLOOR = {"phi": dict.fromkeys(QUESTION_TYPES, 97.0),
+                 "llama": {"color": 90.0, "shape": 97.0, "count": 97.0, "position": 88.0, "existence": 97.0}}
 SIZES = dict(num_train_images=30, num_eval_images=70, image_size=32)
 
 
@@ -172,8 +177,8 @@ def test_language_models_load_offline(arch, cls):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(BASES / arch)
     assert type(model).__name__ == cls
-    assert model.config.hidden_size == 64 and model.config.num_hidden_layers == 4
-    assert sum(p.numel() for p in model.parameters()) < 400_000
+    assert model.config.hidden_size == 128 and model.config.num_hidden_layers == 4
+    assert sum(p.numel() for p in model.parameters()) < 1_300_000
 
 
 # ----------------------------------------------------------------------------------------------- text-only baseline
@@ -349,14 +354,14 @@ def test_check_measures_the_shipped_bases(capsys):
     Without the caption every type stays at chance (the questions are answer-balanced); with it, count is read."""
     assert load_script("build_microworld").main(["--check"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert report["questions"] == 500 and set(report["lm_caption_accuracy"]) == {"phi", "llama"}
+    assert report["questions"] == 2500 and set(report["lm_caption_accuracy"]) == {"phi", "llama"}
     for arch in ("phi", "llama"):
         no_caption = report["lm_no_caption_accuracy"][arch]
         assert all(abs(no_caption[t] - report["chance"][t]) <= 3 for t in QUESTION_TYPES), no_caption
-        # measured for the bases shipped now: count 100 / 98 with the caption, every other type at chance
-        assert report["lm_caption_accuracy"][arch]["count"] >= 90
-    probe = report["vision_probe_accuracy"]  # measured: colour 100.0, shape 97.7, empty 99.9
-    assert probe["color"] >= 98 and probe["shape"] >= 95 and probe["empty"] >= 98
+        caption = report["lm_caption_accuracy"][arch]
+        assert all(caption[t] >= CAPTION_FLOOR[arch][t] for t in QUESTION_TYPES), (arch, caption)
+    probe = report["vision_probe_accuracy"]  # measured: colour 100.0, shape 98.6, empty 100.0
+    assert min(probe.values()) >= 98, probe
 
 
 def test_lm_reading_bench_trains_on_streamed_text_and_reports_both_readings(tmp_path, capsys):
