@@ -35,20 +35,21 @@ def test_comparison_runs_end_to_end_on_a_reduced_setting(tmp_path):
         assert {s: m["n"] for s, m in row["pope"].items()} == {"random": 4, "popular": 4, "adversarial": 4}
         assert row["retention"] is None or row["retention"] >= 0
         assert set(row["reading"]) == {"base", "tuned"}
-    # MoReS rank 1 on 4 layers of width 64: 4 × (R 64 + W 64 + b 1) = 516 parameters; LoRA is far larger.
+    # MoReS rank 1 on 4 layers of width 128: 4 × (R 128 + W 128 + b 1) = 1,028 parameters; LoRA is far larger.
     assert 0 < rows["mores_r1"]["trainable_llm"] < 2_000 < rows["lora"]["trainable_llm"]
     text = doc.read_text()
     assert "| lora |" in text and "| mores_r1 |" in text and "--tuners lora mores_r1" in text
     # The rank ablation is its own table: rank 8 next to the rank-1 reference, not in the main table.
     main_table, ablation = text.split("**Ablation: rank**")
     assert "| mores_r8 |" not in main_table and "| mores_r8 |" in ablation and "| mores_r1 |" in ablation
-    assert json.loads((out / "mores_r8" / "seed0.json").read_text())["trainable_llm"] == 8 * 516
+    assert json.loads((out / "mores_r8" / "seed0.json").read_text())["trainable_llm"] == 8 * 1028
     assert "**LMAR per layer**" in text and "## Verdict" in text
     # with only these runs the verdicts that can be decided are there, each with a ruling
     verdict = "\n".join(line for line in text.split("## Verdict")[1].splitlines() if line.startswith("- **"))
     for claim in ("MoReS within a few points", "hallucinates least", "keeps world knowledge", "Rank 1 is enough",
                   "raises the visual attention share"):
         assert claim in verdict
-    assert all(("holds" in line or "inconclusive" in line) for line in verdict.splitlines())
+    rulings = ("— holds", "— does not hold", "— inconclusive", "vs lora")
+    assert all(any(r in line for r in rulings) for line in verdict.splitlines()), verdict
     for png in ("microworld_accuracy_vs_params.png", "microworld_imbalance.png"):
         assert (doc.parent / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
