@@ -96,34 +96,34 @@ def keeps_knowledge(rows: Rows) -> Optional[str]:
             f"MoReS rank 1 {_fmt(m, m_sd)}; {others} — {verdict}{why}.")
 
 
+def _enough(rows: Rows, small: str, larger: List[str]) -> Tuple[str, str]:
+    """(small's accuracy, the larger settings' accuracies and the ruling): holds when `small` is at most 2 points
+    below the best of `larger`."""
+    m, m_sd = _stats(rows[small], _acc)
+    best = max(larger, key=lambda v: _stats(rows[v], _acc)[0])
+    b, b_sd = _stats(rows[best], _acc)
+    gap = b - m
+    verdict = _close_call(gap, 2.0, _noise(m_sd, b_sd), len(rows[small])) or (
+        "holds" if gap <= 2.0 else "does not hold")
+    listed = ", ".join(f"{v} {_fmt(*_stats(rows[v], _acc))}" for v in larger)
+    return f"{_fmt(m, m_sd)}; {listed}", verdict
+
+
 def rank_one_enough(rows: Rows) -> Optional[str]:
     larger = [v for v in ("mores_r2", "mores_r4", "mores_r8") if v in rows]
     if "mores_r1" not in rows or not larger:
         return None
-    m, m_sd = _stats(rows["mores_r1"], _acc)
-    best = max(larger, key=lambda v: _stats(rows[v], _acc)[0])
-    b, b_sd = _stats(rows[best], _acc)
-    gap = b - m
-    verdict = _close_call(gap, 2.0, _noise(m_sd, b_sd), len(rows["mores_r1"])) or (
-        "holds" if gap <= 2.0 else "does not hold")
-    listed = ", ".join(f"{v} {_fmt(*_stats(rows[v], _acc))}" for v in larger)
-    return f"**Rank 1 is enough** (≤ 2 points below the best larger rank): rank 1 {_fmt(m, m_sd)}; {listed} — {verdict}."
+    numbers, verdict = _enough(rows, "mores_r1", larger)
+    return f"**Rank 1 is enough** (≤ 2 points below the best larger rank): rank 1 {numbers} — {verdict}."
 
 
 def few_tokens_enough(rows: Rows) -> Optional[str]:
-    smallest = "mores_pos_ratio1" if "mores_pos_ratio1" in rows else None
     larger = [v for v in ("mores_r1", "mores_pos_ratio25", "mores_pos_ratio50", "mores_pos_ratio100") if v in rows]
-    if smallest is None or not larger:
+    if "mores_pos_ratio1" not in rows or not larger:
         return None
-    m, m_sd = _stats(rows[smallest], _acc)
-    best = max(larger, key=lambda v: _stats(rows[v], _acc)[0])
-    b, b_sd = _stats(rows[best], _acc)
-    gap = b - m
-    verdict = _close_call(gap, 2.0, _noise(m_sd, b_sd), len(rows[smallest])) or (
-        "holds" if gap <= 2.0 else "does not hold")
-    listed = ", ".join(f"{v} {_fmt(*_stats(rows[v], _acc))}" for v in larger)
+    numbers, verdict = _enough(rows, "mores_pos_ratio1", larger)
     return (f"**~1 % of the visual tokens is enough** (ratio=0.01: 1 of the 16 image tokens, ≤ 2 points below the "
-            f"best larger share; mores_r1 is f4+l5 = 9 of 16): {_fmt(m, m_sd)}; {listed} — {verdict}.")
+            f"best larger share; mores_r1 is f4+l5 = 9 of 16): {numbers} — {verdict}.")
 
 
 def raises_lmar(rows: Rows) -> Optional[str]:
