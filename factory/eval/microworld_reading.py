@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from factory.constants import IMAGE_MARKER
 from factory.data.templates import get_template
-from factory.eval.generate import answer_questions, batched
+from factory.eval.generate import answer_questions, batched, left_pad
 from factory.eval.microworld import score_rows
 
 
@@ -50,12 +50,8 @@ def lm_reading(lm: Union[str, Path, torch.nn.Module], tokenizer, template: str, 
     texts: List[str] = []
     for chunk in batched(list(rows), batch_size):
         prompts = [chat.encode_prompt([{"from": "human", "value": r["text"]}], tokenizer, 0) for r in chunk]
-        width = max(map(len, prompts))
-        ids = torch.full((len(prompts), width), pad)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+        ids, mask = left_pad(prompts, pad)  # every prompt ends where generation starts
+        width = ids.shape[1]
         out = lm.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
                           max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
                           pad_token_id=pad)
